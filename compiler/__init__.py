@@ -1,0 +1,1 @@
+"""LiteVAR edge compiler: load VAR checkpoints, compress them, and lower them with TVM."""

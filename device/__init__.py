@@ -1,0 +1,1 @@
+"""Board-side runtime: offline image generation with the TVM runtime, numpy and Pillow only."""

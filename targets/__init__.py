@@ -1,0 +1,1 @@
+"""Board descriptions (TVM targets, cross compilers, roofline figures), one file per board."""
