@@ -32,8 +32,16 @@ class KVCache:
         return self.k, self.v
 
 
+def sdpa(q, k, v, attn_bias=None):
+    """Softmax attention with scale 1 (q already carries the per-head temperature)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head attention with L2-normalised q, k and a learned per-head temperature."""
+    """Multi-head attention with L2-normalised q, k and a learned per-head temperature.
+
+    `attend` is the attention proper; a compression plan swaps it for windowed/shared attention
+    (compiler.compress.attention), and `mat_qkv`/`proj` may be swapped for quantized layers."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -44,12 +52,17 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(width))
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
         self.proj = nn.Linear(width, width)
+        self.attend = sdpa
 
     def qkv(self, x):
         """q (already scaled), k, v as B×H×L×c."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
+        if isinstance(self.mat_qkv, nn.Linear):
+            qkv = F.linear(x, self.mat_qkv.weight, bias)
+        else:  # a quantized layer: same product, bias added after
+            qkv = self.mat_qkv(x) + bias
+        qkv = qkv.view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
         return F.normalize(q, dim=-1).mul(scale_mul), F.normalize(k, dim=-1), v
@@ -59,7 +72,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
+        out = self.attend(q, k, v, attn_bias)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 

@@ -1,0 +1,148 @@
+"""Calibrate LiteVAR compression and write the plan file the compiler reads.
+
+    python -m compiler.calibrate [--var VAR --vae VAE] --samples 64 --out plan.json \\
+        [--mdwa-threshold 0.95] [--asc-threshold 0.95 --asc-mode map] [--quant w8a8] [--protect ffn.fc2=fp32]
+
+Generates --samples images (classes spread evenly) with the given sampling settings, measures
+where attention mass lies and how alike the CFG halves attend, and picks MDWA windows, ASC
+sharing and per-layer precision. Writes plan.json and, next to it, the raw statistics
+(plan.stats.npz) that `--stats` reuses to try other thresholds without sampling again.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from compiler.checkpoint import load_models
+from compiler.compress.apply import attention_macs, weight_bytes
+from compiler.compress.calibration import CalibrationStats, calibrate, plan_from_stats, spread_labels
+from compiler.compress.mdwa import kept_pairs
+from compiler.compress.plan import GROUP_SIZES, QUANT_SCHEMES
+from compiler.errors import UserError, cli
+from compiler.fileio import atomic_path
+
+
+def parse_scheme(text: str, default_group: int, what: str):
+    """'w4a16' or 'w4a16:64' → ('w4a16', 64); 'none'/'fp32' → ('fp32', None)."""
+    name, _, group = text.partition(":")
+    name = "fp32" if name in ("none", "fp16", "fp32") else name
+    if name not in QUANT_SCHEMES:
+        raise UserError(f"{what} {text!r}: unknown scheme, expected one of {QUANT_SCHEMES} (optionally :GROUP)")
+    if not name.startswith("w4"):
+        return name, None
+    try:
+        g = int(group) if group else default_group
+    except ValueError:
+        raise UserError(f"{what} {text!r}: group must be an integer") from None
+    if g not in GROUP_SIZES:
+        raise UserError(f"{what} {text!r}: group must be one of {GROUP_SIZES}")
+    return name, g
+
+
+def add_plan_args(ap):
+    """Options that turn statistics into a plan (shared with the sensitivity sweep)."""
+    ap.add_argument("--mdwa-threshold", type=float, default=0.95,
+                    help="window must hold this share of its key block's attention mass (default 0.95)")
+    ap.add_argument("--no-mdwa", action="store_true", help="keep attention dense")
+    ap.add_argument("--dense-scales", type=int, default=3, help="query scales kept dense (default 3, as the paper)")
+    ap.add_argument("--drop-share", type=float, default=0.0,
+                    help="drop a coarser key scale holding less than this share of a query's mass (default 0: off)")
+    ap.add_argument("--asc-threshold", type=float, default=0.95,
+                    help="share attention where the CFG halves' similarity is at least this (default 0.95)")
+    ap.add_argument("--no-asc", action="store_true", help="no attention sharing across CFG halves")
+    ap.add_argument("--asc-mode", choices=["map", "output"], default="map",
+                    help="reuse the conditional attention map (with the branch's own V) or its output")
+    ap.add_argument("--quant", default="none", help="precision of all linear layers: none, w8a8, w4a16[:G], w4a8[:G]")
+    ap.add_argument("--group", type=int, default=64, help="default int4 group size (32, 64 or 128)")
+    ap.add_argument("--protect", action="append", default=None, metavar="TYPE=SCHEME",
+                    help="keep a layer type at another precision (default: ffn.fc2=fp32); repeatable")
+
+
+def plan_from_args(stats, cfg, args, info):
+    quant = parse_scheme(args.quant, args.group, "--quant")
+    protect = {}
+    for spec in (args.protect if args.protect is not None else ["ffn.fc2=fp32"]):
+        t, _, sch = spec.partition("=")
+        if not sch:
+            raise UserError(f"--protect {spec!r}: expected TYPE=SCHEME, e.g. ffn.fc2=w8a8")
+        protect[t] = parse_scheme(sch, args.group, f"--protect {t}")
+    if quant[0] == "fp32" and all(s == "fp32" for s, _ in protect.values()):
+        quant, protect = None, None
+    for name, v in (("--mdwa-threshold", args.mdwa_threshold), ("--asc-threshold", args.asc_threshold)):
+        if not 0 < v <= 1:
+            raise UserError(f"{name} must be in (0, 1], got {v}")
+    return plan_from_stats(stats, cfg, mdwa_threshold=None if args.no_mdwa else args.mdwa_threshold,
+                           dense_scales=args.dense_scales, drop_share=args.drop_share,
+                           asc_threshold=None if args.no_asc else args.asc_threshold, asc_mode=args.asc_mode,
+                           quant=quant, protect=protect, info=info)
+
+
+def summary(var, plan) -> str:
+    cfg = var.cfg
+    lines = []
+    if plan.windows is not None:
+        lines.append("MDWA kept pairs per query scale (all blocks and heads):")
+        tot_k = tot_d = 0
+        for q, pn in enumerate(cfg.patch_nums):
+            n_q, L_q = pn * pn, sum(p * p for p in cfg.patch_nums[:q + 1])
+            kept = sum(kept_pairs(plan.windows[b][h][q], cfg.patch_nums, q) for b in range(cfg.depth) for h in range(cfg.heads))
+            dense = n_q * L_q * cfg.depth * cfg.heads
+            tot_k, tot_d = tot_k + kept, tot_d + dense
+            lines.append(f"  scale {q:2d} ({pn:2d}×{pn:<2d}): {kept / dense:6.1%}")
+        lines.append(f"  overall: {tot_k / tot_d:.1%} of query-key pairs kept")
+    if plan.asc_share is not None:
+        n = sum(map(sum, plan.asc_share))
+        lines.append(f"ASC ({plan.asc_mode}): {n} of {cfg.depth * len(cfg.patch_nums)} (block, scale) pairs shared")
+    dense, planned = attention_macs(cfg, plan)
+    fp16, q = weight_bytes(var, plan)
+    lines.append(f"attention multiply-adds removed: {1 - planned / dense:.1%}; weight bytes vs fp16: {q / fp16:.3f}")
+    return "\n".join(lines)
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m compiler.calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--var", help="VAR checkpoint; default: the demo model")
+    ap.add_argument("--vae", help="VQVAE checkpoint; default: the demo model")
+    ap.add_argument("--samples", type=int, default=64, help="calibration images (default 64)")
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--top-k", type=int, default=900)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--stats", type=Path, help="reuse the statistics of an earlier calibration instead of sampling")
+    add_plan_args(ap)
+    ap.add_argument("--out", type=Path, required=True, help="plan file to write (plan.json)")
+    args = ap.parse_args(argv)
+
+    var, vae = load_models(args.var, args.vae)
+    stats_path = args.out.with_suffix(".stats.npz")
+    if args.stats:
+        try:
+            stats = CalibrationStats.load(args.stats)
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"{args.stats}: not a calibration statistics file ({e})") from None
+        if stats.block_mass.shape[:3] != (var.cfg.depth, var.cfg.heads, len(var.cfg.patch_nums)):
+            raise UserError(f"{args.stats}: statistics for another model shape {stats.block_mass.shape[:3]}")
+        info = {"stats": str(args.stats)}
+    else:
+        if args.samples < 1:
+            raise UserError(f"--samples must be at least 1, got {args.samples}")
+        labels = spread_labels(args.samples, var.num_classes)
+        with tqdm(total=len(labels), desc="calibrating", unit="img") as bar:
+            stats = calibrate(var, vae, labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              batch=args.batch, progress=bar.update)
+        with atomic_path(stats_path) as tmp:
+            stats.save(tmp)
+        info = {"samples": args.samples, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
+                "seed": args.seed, "stats": stats_path.name}
+    plan = plan_from_args(stats, var.cfg, args, info)
+    plan.save(args.out)
+    print(summary(var, plan))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

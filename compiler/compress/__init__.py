@@ -1,0 +1,1 @@
+"""LiteVAR compression: calibration, MDWA windows, ASC sharing, quantization and the plan file."""

@@ -1,0 +1,110 @@
+"""Attention as a plan asks for it: MDWA windows computed sparsely, and ASC sharing under CFG.
+
+`CompressedAttention` replaces a block's `attn.attend`. It only computes the kept pairs: for a
+windowed key scale each query gathers its own band of at most 2w keys; a dropped key scale is
+never touched; a dense one is a plain matmul. The softmax runs over the concatenation of all
+kept scores, so the result equals dense attention with −∞ on the masked pairs.
+"""
+from __future__ import annotations
+
+import torch
+
+from compiler.compress.mdwa import band_range
+from compiler.model.var import sdpa as dense_attention
+
+
+def _scale_of_kv_len(patch_nums):
+    out, cur = {}, 0
+    for s, pn in enumerate(patch_nums):
+        cur += pn * pn
+        out[cur] = s
+    return out
+
+
+def sparse_weights(q, k, windows_q, patch_nums):
+    """Softmax weights over the kept keys for one head. q: N×n_q×c, k: N×L_q×c.
+
+    Returns a list of (P, index) per kept key scale: P is N×n_q×n_k for a dense scale (index
+    None) or N×n_q×W for a windowed one, with index (n_q×W keys, −1 where unused)."""
+    n_q = q.shape[1]
+    scores, parts, start = [], [], 0
+    for ks, w in enumerate(windows_q):
+        n_k = patch_nums[ks] ** 2
+        kk = k[:, start:start + n_k]
+        if w is None:
+            scores.append(q @ kk.transpose(1, 2))
+            parts.append((start, None, n_k))
+        elif w > 0:
+            lo, hi = band_range(n_q, n_k, w)
+            width = int((hi - lo + 1).clamp(min=0).max())
+            idx = lo[:, None] + torch.arange(width)[None, :]
+            valid = idx <= hi[:, None]
+            idx = torch.where(valid, idx, 0)
+            kg = kk[:, idx]  # N×n_q×W×c, only the band
+            s = torch.einsum("nqc,nqwc->nqw", q, kg).masked_fill(~valid, -torch.inf)
+            scores.append(s)
+            parts.append((start, torch.where(valid, idx, -1), width))
+        start += n_k
+    P = torch.cat(scores, dim=-1).softmax(dim=-1)
+    out, off = [], 0
+    for (start, idx, width) in parts:
+        out.append((P[..., off:off + width], start, idx))
+        off += width
+    return out
+
+
+def apply_weights(weights, v):
+    """Σ over kept keys of P·v for the output of `sparse_weights`. v: N×L_q×c."""
+    out = 0
+    for P, start, idx in weights:
+        if idx is None:
+            out = out + P @ v[:, start:start + P.shape[-1]]
+        else:
+            vg = v[:, start + idx.clamp(min=0)]  # N×n_q×W×c
+            out = out + torch.einsum("nqw,nqwc->nqc", P, vg)
+    return out
+
+
+class CompressedAttention:
+    """One block's attention under a plan: `windows` [head][q][k] (or None) and `share` [q]."""
+
+    def __init__(self, patch_nums, windows=None, share=None, mode="map"):
+        self.patch_nums = tuple(patch_nums)
+        self.windows, self.share, self.mode = windows, share, mode
+        self.scale_of = _scale_of_kv_len(patch_nums)
+
+    def _sparse(self, qs):
+        return self.windows is not None and any(w is not None for h in self.windows for w in h[qs])
+
+    def _attend_half(self, q, k, v, qs):
+        """Attention for N×H×n×c inputs; returns (output, weights per head or None)."""
+        if not self._sparse(qs):
+            if self.mode == "map":
+                P = (q @ k.transpose(-1, -2)).softmax(-1)
+                return P @ v, [[(P[:, h], 0, None)] for h in range(q.shape[1])]
+            return dense_attention(q, k, v), None
+        outs, ws = [], []
+        for h in range(q.shape[1]):
+            w = sparse_weights(q[:, h], k[:, h], self.windows[h][qs], self.patch_nums)
+            outs.append(apply_weights(w, v[:, h]))
+            ws.append(w)
+        return torch.stack(outs, 1), ws
+
+    def __call__(self, q, k, v, attn_bias=None):
+        if attn_bias is not None:
+            raise NotImplementedError("compressed attention runs on the cached per-scale path only")
+        qs = self.scale_of[k.shape[2]]
+        shared = self.share is not None and self.share[qs]
+        if not shared:
+            if not self._sparse(qs):
+                return dense_attention(q, k, v)
+            return torch.stack([apply_weights(sparse_weights(q[:, h], k[:, h], self.windows[h][qs], self.patch_nums),
+                                              v[:, h]) for h in range(q.shape[1])], 1)
+        B = q.shape[0] // 2  # [conditional; unconditional]
+        if self.mode == "output":  # the unconditional half reuses the conditional output
+            out_c, _ = self._attend_half(q[:B], k[:B], v[:B], qs)
+            return torch.cat((out_c, out_c))
+        # "map": the unconditional half reuses the conditional weights with its own values
+        out_c, ws = self._attend_half(q[:B], k[:B], v[:B], qs)
+        out_u = torch.stack([apply_weights(ws[h], v[B:, h]) for h in range(q.shape[1])], 1)
+        return torch.cat((out_c, out_u))
