@@ -19,6 +19,9 @@ def atomic_path(path):
     except OSError as e:
         raise UserError(f"{path.parent}: cannot write here ({e.strerror})") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
