@@ -70,9 +70,10 @@ def plan_from_args(stats, cfg, args, info):
         protect[t] = parse_scheme(sch, args.group, f"--protect {t}")
     if quant[0] == "fp32" and all(s == "fp32" for s, _ in protect.values()):
         quant, protect = None, None
-    for name, v in (("--mdwa-threshold", args.mdwa_threshold), ("--asc-threshold", args.asc_threshold)):
-        if not 0 < v <= 1:
-            raise UserError(f"{name} must be in (0, 1], got {v}")
+    if not 0 < args.mdwa_threshold <= 1:
+        raise UserError(f"--mdwa-threshold must be in (0, 1], got {args.mdwa_threshold}")
+    if not 0 <= args.asc_threshold <= 1:
+        raise UserError(f"--asc-threshold must be in [0, 1] (0 shares everywhere), got {args.asc_threshold}")
     return plan_from_stats(stats, cfg, mdwa_threshold=None if args.no_mdwa else args.mdwa_threshold,
                            dense_scales=args.dense_scales, drop_share=args.drop_share,
                            asc_threshold=None if args.no_asc else args.asc_threshold, asc_mode=args.asc_mode,

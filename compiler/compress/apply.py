@@ -50,6 +50,13 @@ def attention_macs(cfg: VARConfig, plan: Plan | None = None, batch: int = 1) -> 
     return dense, planned
 
 
+def linear_macs(cfg: VARConfig, batch: int = 1) -> int:
+    """Multiply-adds of the transformer's token-wise linear layers (qkv, proj, fc1, fc2, head)
+    for one CFG generation of `batch` images (AdaLN runs once per image and is left out)."""
+    C, tokens = cfg.width, 2 * batch * cfg.seq_len
+    return tokens * (cfg.depth * (4 * C * C + 2 * C * cfg.mlp_hidden) + C * cfg.vocab_size)
+
+
 def weight_bytes(var: VAR, plan: Plan | None = None) -> tuple[float, float]:
     """(fp16 bytes, planned bytes) of all parameters; unquantized tensors count at fp16."""
     quantized = {}

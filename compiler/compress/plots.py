@@ -24,7 +24,8 @@ def attention_maps(stats, patch_nums, path, windows=None, max_panels=6):
     for ax, key in zip(axes[0], keys):
         b, h, q = (int(x[1:]) for x in key.split("_"))
         m = stats.maps[key]
-        ax.imshow(np.log10(m + 1e-6), aspect="auto", cmap="magma", vmin=-5, vmax=0, interpolation="nearest")
+        top = float(np.log10(m.max()))
+        ax.imshow(np.log10(m + 1e-9), aspect="auto", cmap="magma", vmin=top - 2.5, vmax=top, interpolation="nearest")
         if windows is not None:
             kept = scale_mask(windows[b][h][q], patch_nums, q).numpy()
             ax.contour(kept.astype(float), levels=[0.5], colors="white", linewidths=0.6)
