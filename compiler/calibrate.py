@@ -11,6 +11,7 @@ sharing and per-layer precision. Writes plan.json and, next to it, the raw stati
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -127,7 +128,7 @@ def main(argv=None):
             raise UserError(f"{args.stats}: not a calibration statistics file ({e})") from None
         if stats.block_mass.shape[:3] != (var.cfg.depth, var.cfg.heads, len(var.cfg.patch_nums)):
             raise UserError(f"{args.stats}: statistics for another model shape {stats.block_mass.shape[:3]}")
-        info = {"stats": str(args.stats)}
+        info = {"stats": os.path.relpath(args.stats.resolve(), args.out.resolve().parent)}
     else:
         if args.samples < 1:
             raise UserError(f"--samples must be at least 1, got {args.samples}")
