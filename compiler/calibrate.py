@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compiler.checkpoint import load_models
+from compiler.cliargs import add_model_args, add_sampler_args
 from compiler.compress.apply import attention_macs, weight_bytes
 from compiler.compress.calibration import CalibrationStats, calibrate, plan_from_stats, spread_labels
 from compiler.compress.mdwa import kept_pairs
@@ -106,13 +107,9 @@ def summary(var, plan) -> str:
 @cli
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m compiler.calibrate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--var", help="VAR checkpoint; default: the demo model")
-    ap.add_argument("--vae", help="VQVAE checkpoint; default: the demo model")
+    add_model_args(ap)
     ap.add_argument("--samples", type=int, default=64, help="calibration images (default 64)")
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=900)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--seed", type=int, default=0)
+    add_sampler_args(ap)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--stats", type=Path, help="reuse the statistics of an earlier calibration instead of sampling")
     add_plan_args(ap)

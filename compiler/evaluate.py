@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compiler.checkpoint import load_models
+from compiler.cliargs import add_model_args, add_sampler_args
 from compiler.compress import plots
 from compiler.compress.apply import apply_plan, attention_macs, linear_macs, weight_bytes
 from compiler.compress.calibration import CalibrationStats, spread_labels
@@ -73,15 +74,11 @@ def _fmt(x):
 @cli
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m compiler.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--var", help="VAR checkpoint; default: the demo model")
-    ap.add_argument("--vae", help="VQVAE checkpoint; default: the demo model")
+    add_model_args(ap)
     ap.add_argument("--plan", type=Path, required=True)
     ap.add_argument("--samples", type=int, default=200, help="sampled images per model, classes spread (default 200)")
     ap.add_argument("--greedy-samples", type=int, default=50, help="greedy images for token agreement and KL")
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=900)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--seed", type=int, default=0)
+    add_sampler_args(ap)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--costs-only", action="store_true", help="only FLOPs and bytes (for random-valued checkpoints)")
     ap.add_argument("--out", type=Path, required=True)

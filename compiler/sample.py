@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from compiler.checkpoint import load_models
+from compiler.cliargs import add_model_args, add_sampler_args
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path, ensure_writable_dir
 from compiler.sampler import generate
@@ -29,10 +30,7 @@ def add_sampling_args(ap: argparse.ArgumentParser):
     ap.add_argument("--class", dest="classes", type=int, nargs="+", default=[3], metavar="C",
                     help="class ids to sample; the grid has one column per class and one row per -n")
     ap.add_argument("-n", "--per-class", type=int, default=1, help="images per class (default 1)")
-    ap.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance at the last scale (default 4)")
-    ap.add_argument("--top-k", type=int, default=900, help="keep the k most likely tokens; 1 is greedy (default 900)")
-    ap.add_argument("--top-p", type=float, default=0.95, help="nucleus threshold, 0 disables (default 0.95)")
-    ap.add_argument("--seed", type=int, default=0)
+    add_sampler_args(ap)
 
 
 def labels_from_args(args, num_classes: int) -> list:
@@ -83,8 +81,7 @@ def save_samples(out, labels, tokens: np.ndarray, images: np.ndarray, meta: dict
 @cli
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m compiler.sample", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--var", help="VAR checkpoint (.pth or .safetensors); default: the demo model")
-    ap.add_argument("--vae", help="VQVAE checkpoint (.pth or .safetensors); default: the demo model")
+    add_model_args(ap)
     add_sampling_args(ap)
     ap.add_argument("--batch", type=int, default=16, help="images generated at once (default 16)")
     ap.add_argument("--out", required=True, help="output directory")

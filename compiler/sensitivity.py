@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compiler.checkpoint import load_models
+from compiler.cliargs import add_model_args, add_sampler_args
 from compiler.compress import plots
 from compiler.compress.apply import apply_plan
 from compiler.compress.calibration import layer_type, spread_labels
@@ -41,17 +42,13 @@ def quant_plan(cfg, base: str, low: str | None, low_type: str | None, group: int
 @cli
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m compiler.sensitivity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--var")
-    ap.add_argument("--vae")
+    add_model_args(ap)
     ap.add_argument("--base", default="w8a8", help="precision of every other layer (default w8a8)")
     ap.add_argument("--low", default="w8a4", help="precision of the layer type under test (default w8a4: 4-bit activations)")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--samples", type=int, default=100, help="sampled images per configuration")
     ap.add_argument("--greedy-samples", type=int, default=20)
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=900)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--seed", type=int, default=0)
+    add_sampler_args(ap)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--factor", type=float, default=2.0)
     ap.add_argument("--out", type=Path, required=True)

@@ -28,7 +28,13 @@ def test_calibrate_writes_a_plan_deterministically(tiny_ckpts, tmp_path):
     # reusing the statistics gives the same plan without sampling
     r3 = run_cli(*args, "--stats", tmp_path / "a" / "plan.stats.npz", "--out", tmp_path / "c.json")
     assert r3.returncode == 0 and "calibrating" not in r3.stderr
-    assert load_plan(tmp_path / "c.json").windows == plan.windows
+    again = load_plan(tmp_path / "c.json")
+    assert again.windows == plan.windows
+    assert again.calibration["stats"] == "a/plan.stats.npz"  # relative to the plan, so plans can move
+    # threshold 0 shares attention across the CFG halves in every block and scale
+    r4 = run_cli(*args, "--stats", tmp_path / "a" / "plan.stats.npz", "--asc-threshold", 0, "--out", tmp_path / "d.json")
+    assert r4.returncode == 0, r4.stderr
+    assert all(all(row) for row in load_plan(tmp_path / "d.json").asc_share)
 
 
 def test_calibrate_rejects_bad_options(tiny_ckpts, tmp_path):
