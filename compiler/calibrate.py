@@ -18,9 +18,8 @@ from tqdm import tqdm
 
 from compiler.checkpoint import load_models
 from compiler.cliargs import add_model_args, add_sampler_args
-from compiler.compress.apply import attention_macs, weight_bytes
+from compiler.compress.apply import attention_macs, kept_pair_fractions, weight_bytes
 from compiler.compress.calibration import CalibrationStats, calibrate, plan_from_stats, spread_labels
-from compiler.compress.mdwa import kept_pairs
 from compiler.compress.plan import GROUP_SIZES, QUANT_SCHEMES
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
@@ -87,14 +86,10 @@ def summary(var, plan) -> str:
     lines = []
     if plan.windows is not None:
         lines.append("MDWA kept pairs per query scale (all blocks and heads):")
-        tot_k = tot_d = 0
-        for q, pn in enumerate(cfg.patch_nums):
-            n_q, L_q = pn * pn, sum(p * p for p in cfg.patch_nums[:q + 1])
-            kept = sum(kept_pairs(plan.windows[b][h][q], cfg.patch_nums, q) for b in range(cfg.depth) for h in range(cfg.heads))
-            dense = n_q * L_q * cfg.depth * cfg.heads
-            tot_k, tot_d = tot_k + kept, tot_d + dense
-            lines.append(f"  scale {q:2d} ({pn:2d}×{pn:<2d}): {kept / dense:6.1%}")
-        lines.append(f"  overall: {tot_k / tot_d:.1%} of query-key pairs kept")
+        per_scale, overall = kept_pair_fractions(cfg, plan)
+        for q, (pn, frac) in enumerate(zip(cfg.patch_nums, per_scale)):
+            lines.append(f"  scale {q:2d} ({pn:2d}×{pn:<2d}): {frac:6.1%}")
+        lines.append(f"  overall: {overall:.1%} of query-key pairs kept")
     if plan.asc_share is not None:
         n = sum(map(sum, plan.asc_share))
         lines.append(f"ASC ({plan.asc_mode}): {n} of {cfg.depth * len(cfg.patch_nums)} (block, scale) pairs shared")

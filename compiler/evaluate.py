@@ -20,7 +20,7 @@ from tqdm import tqdm
 from compiler.checkpoint import load_models
 from compiler.cliargs import add_model_args, add_sampler_args
 from compiler.compress import plots
-from compiler.compress.apply import apply_plan, attention_macs, linear_macs, weight_bytes
+from compiler.compress.apply import apply_plan, attention_macs, kept_pair_fractions, linear_macs, weight_bytes
 from compiler.compress.calibration import CalibrationStats, spread_labels
 from compiler.compress.fidelity import generate_batched, greedy_agreement, logit_kl, psnr_db
 from compiler.compress.plan import load_plan
@@ -33,9 +33,11 @@ def cost_report(var, plan) -> dict:
     dense, planned = attention_macs(var.cfg, plan)
     fp16, q = weight_bytes(var, plan)
     lin = linear_macs(var.cfg)
+    per_scale, overall = kept_pair_fractions(var.cfg, plan)
     return {"attention_flops_saved": 1 - planned / dense, "attention_macs_per_image": {"reference": dense, "compressed": planned},
             "attention_share_of_transformer_macs": {"reference": dense / (dense + lin), "compressed": planned / (planned + lin)},
-            "weight_bytes_vs_fp16": q / fp16, "weight_bytes": {"fp16": fp16, "compressed": q}}
+            "weight_bytes_vs_fp16": q / fp16, "weight_bytes": {"fp16": fp16, "compressed": q},
+            "mdwa_kept_pairs": {"per_scale": per_scale, "overall": overall}}
 
 
 def fidelity_report(var, vae, comp, labels, greedy_labels, args, bar) -> tuple[dict, tuple]:

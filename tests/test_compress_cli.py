@@ -57,6 +57,8 @@ def test_evaluate_report(tiny_ckpts, tmp_path):
     for k in ("attention_flops_saved", "weight_bytes_vs_fp16", "token_agreement", "logit_kl", "psnr_db"):
         assert isinstance(rep[k], float), k
     assert 0 <= rep["token_agreement"] <= 1 and rep["logit_kl"] >= 0
+    kept = rep["mdwa_kept_pairs"]
+    assert len(kept["per_scale"]) == 4 and 0 < kept["overall"] <= 1
     for png in ("samples_side_by_side.png", "attention_maps.png", "cond_uncond_similarity.png"):
         assert (tmp_path / "ev" / png).stat().st_size > 1000
     assert (tmp_path / "ev" / "report.md").read_text().startswith("# Compression report")

@@ -50,6 +50,18 @@ def attention_macs(cfg: VARConfig, plan: Plan | None = None, batch: int = 1) -> 
     return dense, planned
 
 
+def kept_pair_fractions(cfg: VARConfig, plan: Plan) -> tuple[list, float]:
+    """MDWA's kept (query, key) pairs / all pairs, per query scale and overall (all blocks, heads)."""
+    per_scale, kept_all, dense_all = [], 0, 0
+    for q, pn in enumerate(cfg.patch_nums):
+        dense = pn * pn * sum(p * p for p in cfg.patch_nums[:q + 1]) * cfg.depth * cfg.heads
+        kept = dense if plan.windows is None else sum(
+            kept_pairs(plan.windows[b][h][q], cfg.patch_nums, q) for b in range(cfg.depth) for h in range(cfg.heads))
+        per_scale.append(kept / dense)
+        kept_all, dense_all = kept_all + kept, dense_all + dense
+    return per_scale, kept_all / dense_all
+
+
 def linear_macs(cfg: VARConfig, batch: int = 1) -> int:
     """Multiply-adds of the transformer's token-wise linear layers (qkv, proj, fc1, fc2, head)
     for one CFG generation of `batch` images (AdaLN runs once per image and is left out)."""
