@@ -12,9 +12,9 @@ from compiler.model.var import VAR, KVCache
 from compiler.model.vqvae import VQVAE
 
 
-def sample_top_k_top_p(logits_BlV, top_k=0, top_p=0.0, rng=None):
-    """Top-k, then top-p (nucleus) filtering, then one multinomial draw per row → B×l."""
-    B, l, V = logits_BlV.shape
+def filter_top_k_top_p(logits_BlV, top_k=0, top_p=0.0):
+    """A copy of the logits with everything outside top-k, then outside top-p, at −inf."""
+    V = logits_BlV.shape[-1]
     logits = logits_BlV.clone()
     if top_k > 0:
         kth = logits.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
@@ -24,7 +24,13 @@ def sample_top_k_top_p(logits_BlV, top_k=0, top_p=0.0, rng=None):
         drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         drop[..., -1:] = False  # always keep the most likely token
         logits.masked_fill_(drop.scatter(sorted_idx.ndim - 1, sorted_idx, drop), -torch.inf)
-    probs = logits.softmax(dim=-1).view(-1, V)
+    return logits
+
+
+def sample_top_k_top_p(logits_BlV, top_k=0, top_p=0.0, rng=None):
+    """Top-k, then top-p (nucleus) filtering, then one multinomial draw per row → B×l."""
+    B, l, V = logits_BlV.shape
+    probs = filter_top_k_top_p(logits_BlV, top_k, top_p).softmax(dim=-1).view(-1, V)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=rng).view(B, l)
 
 

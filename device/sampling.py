@@ -1,0 +1,48 @@
+"""Token sampling on the board: top-k, then top-p, then one multinomial draw per token, in numpy.
+
+Same filtering as the reference sampler (compiler/sampler.py); the random stream is numpy's
+own (PCG64 seeded with --seed), so sampled tokens differ from PyTorch's while greedy decoding
+(top-k 1) gives the same tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 0.0) -> np.ndarray:
+    """logits …×V → a copy with the filtered-out entries at −inf."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    V = out.shape[-1]
+    if top_k > 0:
+        k = min(top_k, V)
+        kth = np.partition(out, V - k, axis=-1)[..., V - k:V - k + 1]  # the k-th largest value
+        out[out < kth] = -np.inf
+    if top_p > 0:
+        order = np.argsort(out, axis=-1, kind="stable")  # ascending
+        sorted_logits = np.take_along_axis(out, order, axis=-1)
+        drop = np.cumsum(_softmax(sorted_logits), axis=-1) <= (1 - top_p)
+        drop[..., -1] = False  # always keep the most likely token
+        mask = np.zeros_like(drop)
+        np.put_along_axis(mask, order, drop, axis=-1)
+        out[mask] = -np.inf
+    return out
+
+
+def sample_tokens(logits: np.ndarray, top_k: int, top_p: float, rng: np.random.Generator) -> np.ndarray:
+    """logits B×l×V → token ids B×l (int64). top_k 1 is greedy and draws no random number."""
+    if top_k == 1:
+        return logits.argmax(axis=-1).astype(np.int64)
+    probs = _softmax(filter_logits(logits, top_k, top_p).astype(np.float64))
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(cdf.shape[:-1])[..., None] * cdf[..., -1:]
+    idx = (cdf <= u).sum(axis=-1)  # first index whose cumulative probability exceeds u
+    return np.minimum(idx, logits.shape[-1] - 1).astype(np.int64)
