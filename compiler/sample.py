@@ -14,7 +14,6 @@ import json
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 

@@ -62,7 +62,6 @@ def train_vqvae(steps: int, batch: int, seed: int, copies: int = 8) -> tuple[VQV
     nn.init.uniform_(vae.quantize.embedding.weight, -1 / 1024, 1 / 1024)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
-    hits = torch.zeros(VQVAE_DEMO.vocab_size)
     bar = tqdm(range(steps), desc="vqvae", mininterval=2)
     for step in bar:
         for group in opt.param_groups:
@@ -75,7 +74,7 @@ def train_vqvae(steps: int, batch: int, seed: int, copies: int = 8) -> tuple[VQV
         loss.backward()
         opt.step()
         if step % 100 == 99 and step < steps * 0.8:
-            _restart_dead_codes(vae, x, hits, g)
+            _restart_dead_codes(vae, x, g)
         if step % 20 == 0:
             bar.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{vq_loss.item():.4f}")
     vae.eval()
@@ -89,13 +88,12 @@ def train_vqvae(steps: int, batch: int, seed: int, copies: int = 8) -> tuple[VQV
 
 
 @torch.no_grad()
-def _restart_dead_codes(vae: VQVAE, x, hits, g):
-    """Move codebook entries nobody picked onto encoder features, so the codebook gets used."""
+def _restart_dead_codes(vae: VQVAE, x, g):
+    """Move codebook entries this batch did not pick onto encoder features, so the codebook gets used."""
     q = vae.quantize
-    used = torch.cat(vae.img_to_idx(x), 1).unique()
-    hits.zero_()
-    hits[used] = 1
-    dead = (hits == 0).nonzero().flatten()
+    hit = torch.zeros(q.vocab_size, dtype=torch.bool)
+    hit[torch.cat(vae.img_to_idx(x), 1).unique()] = True
+    dead = (~hit).nonzero().flatten()
     if len(dead) == 0:
         return
     f = vae.quant_conv(vae.encoder(x)).permute(0, 2, 3, 1).reshape(-1, q.Cvae)
