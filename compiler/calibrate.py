@@ -57,6 +57,8 @@ def add_plan_args(ap):
                     help="reuse the conditional attention map (with the branch's own V) or its output")
     ap.add_argument("--quant", default="none", help="precision of all linear layers: none, w8a8, w4a16[:G], w4a8[:G]")
     ap.add_argument("--group", type=int, default=64, help="default int4 group size (32, 64 or 128)")
+    ap.add_argument("--attention-bits", type=int, choices=[8], default=None,
+                    help="quantize Q, K, V and the attention map to 8 bits")
     ap.add_argument("--protect", action="append", default=None, metavar="TYPE=SCHEME",
                     help="keep a layer type at another precision (default: ffn.fc2=fp32); repeatable")
 
@@ -78,7 +80,7 @@ def plan_from_args(stats, cfg, args, info):
     return plan_from_stats(stats, cfg, mdwa_threshold=None if args.no_mdwa else args.mdwa_threshold,
                            dense_scales=args.dense_scales, drop_share=args.drop_share,
                            asc_threshold=None if args.no_asc else args.asc_threshold, asc_mode=args.asc_mode,
-                           quant=quant, protect=protect, info=info)
+                           quant=quant, protect=protect, attention_bits=args.attention_bits, info=info)
 
 
 def summary(var, plan) -> str:

@@ -204,3 +204,25 @@ def test_costs():
     fp16, q = weight_bytes(var, plan)
     O, K = 256, 64
     assert fp16 - q == pytest.approx(2 * O * K - (O * K / 2 + 2 * O * 2))  # int4 + fp16 group scales
+
+
+def test_8bit_attention():
+    q, k, v = _rand_qkv(B=4)
+    out = CompressedAttention(PN, attn_bits=8)(q, k, v)
+    ref = sdpa(q, k, v)
+    assert not torch.equal(out, ref)
+    assert (out - ref).abs().max() < 0.03 * ref.abs().max()
+    from compiler.compress.quant import fake_quant_per_token
+    qq, kq, vq = (fake_quant_per_token(t) for t in (q, k, v))
+    P = (qq @ kq.transpose(-1, -2)).softmax(-1)
+    s = P.amax(-1, keepdim=True) / 255
+    P = torch.round(P / s) * s
+    torch.testing.assert_close(out, P @ vq, atol=1e-5, rtol=1e-5)
+    # a plan carries it; a bad value is named
+    var, _, plan = _plan_json()
+    raw = plan.to_json()
+    raw["quant"]["attention_bits"] = 4
+    with pytest.raises(UserError, match="quant.attention_bits"):
+        parse_plan(raw, "plan.json", var.cfg)
+    raw["quant"]["attention_bits"] = 8
+    assert parse_plan(raw, "plan.json", var.cfg).attention_bits == 8

@@ -19,8 +19,8 @@ def apply_plan(var: VAR, plan: Plan) -> VAR:
     for b, block in enumerate(model.blocks):
         windows = plan.windows[b] if plan.windows is not None else None
         share = plan.asc_share[b] if plan.asc_share is not None else None
-        if windows is not None or (share is not None and any(share)):
-            block.attn.attend = CompressedAttention(cfg.patch_nums, windows, share, plan.asc_mode)
+        if windows is not None or (share is not None and any(share)) or plan.attention_bits:
+            block.attn.attend = CompressedAttention(cfg.patch_nums, windows, share, plan.asc_mode, plan.attention_bits)
     for name in linear_layer_names(cfg):
         scheme, group = plan.layer_scheme(name)
         if scheme == "fp32":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from compiler.compress.mdwa import band_range
+from compiler.compress.quant import fake_quant_per_token, quantize_map
 from compiler.model.var import sdpa as dense_attention
 
 
@@ -66,45 +67,48 @@ def apply_weights(weights, v):
 
 
 class CompressedAttention:
-    """One block's attention under a plan: `windows` [head][q][k] (or None) and `share` [q]."""
+    """One block's attention under a plan: MDWA `windows` [head][q][k] (or None), ASC `share` [q]
+    (or None) in `mode` "map" or "output", and optionally Q/K/V and the attention map at
+    `attn_bits` bits (fake-quantized: per-token symmetric Q/K/V, the map unsigned per row)."""
 
-    def __init__(self, patch_nums, windows=None, share=None, mode="map"):
+    def __init__(self, patch_nums, windows=None, share=None, mode="map", attn_bits=None):
         self.patch_nums = tuple(patch_nums)
-        self.windows, self.share, self.mode = windows, share, mode
+        self.windows, self.share, self.mode, self.attn_bits = windows, share, mode, attn_bits
         self.scale_of = _scale_of_kv_len(patch_nums)
 
     def _sparse(self, qs):
         return self.windows is not None and any(w is not None for h in self.windows for w in h[qs])
 
-    def _attend_half(self, q, k, v, qs):
-        """Attention for N×H×n×c inputs; returns (output, weights per head or None)."""
-        if not self._sparse(qs):
-            if self.mode == "map":
-                P = (q @ k.transpose(-1, -2)).softmax(-1)
-                return P @ v, [[(P[:, h], 0, None)] for h in range(q.shape[1])]
-            return dense_attention(q, k, v), None
-        outs, ws = [], []
+    def _weights(self, q, k, qs):
+        """Per head, the softmax weights over the kept keys (see sparse_weights)."""
+        out = []
         for h in range(q.shape[1]):
-            w = sparse_weights(q[:, h], k[:, h], self.windows[h][qs], self.patch_nums)
-            outs.append(apply_weights(w, v[:, h]))
-            ws.append(w)
-        return torch.stack(outs, 1), ws
+            windows = self.windows[h][qs] if self.windows is not None else [None] * (qs + 1)
+            w = sparse_weights(q[:, h], k[:, h], windows, self.patch_nums)
+            if self.attn_bits:
+                row_max = torch.stack([P.amax(-1) for P, _, _ in w]).amax(0)
+                w = [(quantize_map(P, row_max, self.attn_bits), start, idx) for P, start, idx in w]
+            out.append(w)
+        return out
+
+    @staticmethod
+    def _apply(weights, v):
+        return torch.stack([apply_weights(w, v[:, h]) for h, w in enumerate(weights)], 1)
 
     def __call__(self, q, k, v, attn_bias=None):
         if attn_bias is not None:
             raise NotImplementedError("compressed attention runs on the cached per-scale path only")
         qs = self.scale_of[k.shape[2]]
         shared = self.share is not None and self.share[qs]
+        if self.attn_bits:
+            q, k, v = (fake_quant_per_token(t, self.attn_bits) for t in (q, k, v))
+        elif not shared and not self._sparse(qs):
+            return dense_attention(q, k, v)  # nothing of the plan applies at this scale
         if not shared:
-            if not self._sparse(qs):
-                return dense_attention(q, k, v)
-            return torch.stack([apply_weights(sparse_weights(q[:, h], k[:, h], self.windows[h][qs], self.patch_nums),
-                                              v[:, h]) for h in range(q.shape[1])], 1)
+            return self._apply(self._weights(q, k, qs), v)
         B = q.shape[0] // 2  # [conditional; unconditional]
-        if self.mode == "output":  # the unconditional half reuses the conditional output
-            out_c, _ = self._attend_half(q[:B], k[:B], v[:B], qs)
-            return torch.cat((out_c, out_c))
-        # "map": the unconditional half reuses the conditional weights with its own values
-        out_c, ws = self._attend_half(q[:B], k[:B], v[:B], qs)
-        out_u = torch.stack([apply_weights(ws[h], v[B:, h]) for h in range(q.shape[1])], 1)
+        weights = self._weights(q[:B], k[:B], qs)
+        out_c = self._apply(weights, v[:B])
+        # "output": the unconditional half reuses the conditional output; "map": its weights
+        out_u = out_c if self.mode == "output" else self._apply(weights, v[B:])
         return torch.cat((out_c, out_u))

@@ -122,7 +122,7 @@ def layer_type(name: str) -> str:
 
 
 def plan_from_stats(stats: CalibrationStats, cfg, *, mdwa_threshold=0.95, dense_scales=3, drop_share=0.0,
-                    asc_threshold=None, asc_mode="map", quant=None, protect=None, info=None):
+                    asc_threshold=None, asc_mode="map", quant=None, protect=None, attention_bits=None, info=None):
     """A Plan from calibration statistics and the chosen thresholds.
 
     quant: (scheme, group) for every quantizable layer, or None; protect: {layer type: (scheme, group)}.
@@ -132,6 +132,7 @@ def plan_from_stats(stats: CalibrationStats, cfg, *, mdwa_threshold=0.95, dense_
 
     plan = Plan.empty(cfg)
     plan.calibration = dict(info or {})
+    plan.attention_bits = attention_bits
     if mdwa_threshold is not None:
         plan.windows = choose_windows(stats.mean_block_mass(), stats.window_mass / stats.queries[None, None, :, None, None],
                                       cfg.patch_nums, mdwa_threshold, dense_scales, drop_share, stats.candidates)

@@ -8,7 +8,7 @@
                "windows": [[[[w, ...] per key scale ≤ q] per query scale q] per head] per block]},
       "asc":  {"mode": "map" | "output", "threshold": 0.95,
                "share": [[true/false per scale] per block]},
-      "quant": {"default": "fp32",
+      "quant": {"default": "fp32", "attention_bits": null | 8,
                 "layers": {"blocks.0.ffn.fc1": {"scheme": "w4a16", "group": 64}, ...}}
     }
 
@@ -43,6 +43,7 @@ class Plan:
     asc_threshold: float | None = None
     quant_default: str = "fp32"
     quant_layers: dict = field(default_factory=dict)  # layer name → {"scheme": s, "group": g}
+    attention_bits: int | None = None    # 8: Q, K, V and the attention map at 8 bits
     calibration: dict = field(default_factory=dict)
 
     @staticmethod
@@ -61,7 +62,8 @@ class Plan:
             "mdwa": None if self.windows is None else {"threshold": self.mdwa_threshold, "windows": self.windows},
             "asc": None if self.asc_share is None else {"mode": self.asc_mode, "threshold": self.asc_threshold,
                                                         "share": self.asc_share},
-            "quant": {"default": self.quant_default, "layers": self.quant_layers},
+            "quant": {"default": self.quant_default, "layers": self.quant_layers,
+                      "attention_bits": self.attention_bits},
         }
 
     def save(self, path):
@@ -158,6 +160,9 @@ def parse_plan(raw, where: str, cfg: VARConfig | None = None) -> Plan:
         if cfg is not None and not _layer_exists(name, cfg):
             bad(at, "no such linear layer in this model")
     plan.quant_layers = layers
+    if quant.get("attention_bits") not in (None, 8):
+        bad("quant.attention_bits", f"null or 8, got {quant.get('attention_bits')!r}")
+    plan.attention_bits = quant.get("attention_bits")
     return plan
 
 

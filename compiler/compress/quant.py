@@ -32,6 +32,21 @@ def quantize_per_token_int8(x, bits: int = 8):
     return round_half_even(x / s).clamp(-qmax, qmax).to(torch.int8), s
 
 
+def fake_quant_per_token(x, bits: int = 8):
+    """Round x to its per-token symmetric `bits`-bit grid and back (8-bit attention inputs)."""
+    xq, s = quantize_per_token_int8(x, bits)
+    return xq.float() * s
+
+
+def quantize_map(P, row_max, bits: int = 8):
+    """Attention weights (≥ 0) on the unsigned grid k·row_max / (2^bits − 1) of their row.
+
+    A static 1/255 grid would round most weights of a 680-key softmax (≈ 1/680 each) to 0;
+    scaling by the row's largest weight keeps them."""
+    s = (row_max / (2 ** bits - 1)).clamp(min=EPS)[..., None]
+    return round_half_even(P / s) * s
+
+
 def quantize_weight_int8(w):
     """w: O×K → (int8 O×K, float32 scales O)."""
     s = (w.abs().amax(dim=1) / 127).clamp(min=EPS)
