@@ -193,20 +193,25 @@ class MultiScaleQuantizer(nn.Module):
         d.addmm_(z_NC, E.T, alpha=-2, beta=1)
         return torch.argmin(d, dim=1)
 
-    def f_to_idx(self, f_BChw):
-        """Encoder latent → list of token indices per scale (B×pn²), coarse to fine."""
+    def residual_scales(self, f_BChw):
+        """Quantize the residual scale by scale, coarse to fine. Yields (token ids B×pn×pn,
+        φ(code map upsampled to the latent size)); each is subtracted before the next scale."""
         B, C, H, W = f_BChw.shape
         f_rest = f_BChw.detach().clone()
-        out, S = [], len(self.patch_nums)
+        S = len(self.patch_nums)
         for si, pn in enumerate(self.patch_nums):
             z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
             idx = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
             h = self.embedding(idx).permute(0, 3, 1, 2)
             if si != S - 1:
                 h = F.interpolate(h, size=(H, W), mode="bicubic")
-            f_rest.sub_(self.phi(si)(h.contiguous()))
-            out.append(idx.reshape(B, pn * pn))
-        return out
+            h = self.phi(si)(h.contiguous())
+            f_rest = f_rest - h.detach()
+            yield idx, h
+
+    def f_to_idx(self, f_BChw):
+        """Encoder latent → list of token indices per scale (B×pn²), coarse to fine."""
+        return [idx.reshape(idx.shape[0], -1) for idx, _ in self.residual_scales(f_BChw)]
 
     def idx_to_var_input(self, idx_list):
         """Teacher-forcing input: for scales 1..S-1, area-downsampled f̂ (B×(L-1)×Cvae)."""
@@ -234,22 +239,13 @@ class MultiScaleQuantizer(nn.Module):
 
     def forward(self, f_BChw, beta=0.25):
         """Training only: straight-through quantization and the VQ loss (as official)."""
-        B, C, H, W = f_BChw.shape
         f_no_grad = f_BChw.detach()
-        f_rest, f_hat = f_no_grad.clone(), torch.zeros_like(f_no_grad)
-        loss, S = 0.0, len(self.patch_nums)
-        for si, pn in enumerate(self.patch_nums):
-            z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != S - 1 else f_rest
-            idx = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
-            h = self.embedding(idx).permute(0, 3, 1, 2)
-            if si != S - 1:
-                h = F.interpolate(h, size=(H, W), mode="bicubic")
-            h = self.phi(si)(h.contiguous())
+        f_hat, loss = torch.zeros_like(f_no_grad), 0.0
+        for _, h in self.residual_scales(f_BChw):
             f_hat = f_hat + h
-            f_rest = f_rest - h.detach()
             loss = loss + F.mse_loss(f_hat.data, f_BChw) * beta + F.mse_loss(f_hat, f_no_grad)
         f_hat = (f_hat.data - f_no_grad) + f_BChw
-        return f_hat, loss / S
+        return f_hat, loss / len(self.patch_nums)
 
 
 class VQVAE(nn.Module):
