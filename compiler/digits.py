@@ -1,6 +1,7 @@
 """The demo data set and its judge.
 
     python -m compiler.digits DIR/samples.npz    # class consistency and digits-FID of samples
+    python -m compiler.digits --baseline 400     # the same for 400 real training digits
 
 Data: scikit-learn's handwritten digits (1,797 images of 8×8, shipped inside the package, so
 nothing is downloaded), upsampled to 32×32 RGB and augmented with small random affine moves.
@@ -11,6 +12,7 @@ penultimate features of samples and of held-out real digits.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -86,15 +88,22 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_covmean)
 
 
+@functools.lru_cache(maxsize=4)
+@torch.no_grad()
+def heldout_features(judge: DigitJudge) -> np.ndarray:
+    """The judge's features of the held-out real digits (the digits-FID reference), computed once."""
+    judge.eval()
+    x8, _ = load_split("test")
+    return judge.features((render(x8) + 1) / 2).double().numpy()
+
+
 @torch.no_grad()
 def judge_samples(judge: DigitJudge, images01: torch.Tensor, labels) -> dict:
     """Class consistency and digits-FID of samples (B×3×H×W in [0, 1]) against held-out digits."""
     judge.eval()
     labels = torch.as_tensor(labels)
     pred = judge(images01).argmax(1)
-    x8, _ = load_split("test")
-    real = (render(x8) + 1) / 2
-    fid = frechet_distance(judge.features(images01).double().numpy(), judge.features(real).double().numpy())
+    fid = frechet_distance(judge.features(images01).double().numpy(), heldout_features(judge))
     return {"class_consistency": float((pred == labels).float().mean()), "digits_fid": fid}
 
 
@@ -115,8 +124,17 @@ def main(argv=None):
     @cli
     def run(argv):
         ap = argparse.ArgumentParser(prog="python -m compiler.digits", description="Score demo-model samples.")
-        ap.add_argument("samples", help="samples.npz written by compiler.sample or device.generate")
+        ap.add_argument("samples", nargs="?", help="samples.npz written by compiler.sample or device.generate")
+        ap.add_argument("--baseline", type=int, metavar="N",
+                        help="instead, score N real training digits: the digits-FID real data gets")
         args = ap.parse_args(argv)
+        if args.baseline:
+            x8, y = load_split("train")
+            real = (render(x8[:args.baseline]) + 1) / 2
+            print(json.dumps(judge_samples(load_judge(), real, y[:args.baseline]), indent=2))
+            return
+        if not args.samples:
+            raise UserError("give a samples.npz, or --baseline N")
         try:
             data = np.load(args.samples, allow_pickle=False)
             images, labels = data["images"], data["labels"]

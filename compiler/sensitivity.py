@@ -22,7 +22,7 @@ from compiler.cliargs import add_model_args, add_sampler_args
 from compiler.compress import plots
 from compiler.compress.apply import apply_plan
 from compiler.compress.calibration import layer_type, spread_labels
-from compiler.compress.fidelity import generate_batched, greedy_agreement, logit_kl
+from compiler.compress.fidelity import generate_batched, greedy_fidelity, greedy_run
 from compiler.compress.plan import Plan, linear_layer_names
 from compiler.compress.quant import SCHEMES
 from compiler.errors import UserError, cli
@@ -73,11 +73,12 @@ def main(argv=None):
     with tqdm(total=len(labels) * (len(configs) + 1), desc="sensitivity", unit="img") as bar:
         _, ref_imgs = generate_batched(var, vae, labels, batch=args.batch, seed=args.seed, progress=bar.update, **sampling)
         ref_scores = judge_samples(judge, ref_imgs, labels) if judge else {}
+        reference = greedy_run(var, vae, greedy, cfg=args.cfg, batch=args.batch)  # once for all types
         for name, low_type in configs:
             comp = apply_plan(var, quant_plan(var.cfg, args.base, args.low, low_type, args.group))
             _, imgs = generate_batched(comp, vae, labels, batch=args.batch, seed=args.seed, progress=bar.update, **sampling)
-            agree, _, t_greedy = greedy_agreement(var, comp, vae, greedy, cfg=args.cfg, batch=args.batch)
-            r = {"token_agreement": agree, "logit_kl": logit_kl(var, comp, vae, greedy, t_greedy, cfg=args.cfg)}
+            g = greedy_fidelity(reference, comp, vae, greedy, cfg=args.cfg, batch=args.batch)
+            r = {"token_agreement": g["token_agreement"], "logit_kl": g["logit_kl"]}
             if judge:
                 r.update(judge_samples(judge, imgs, labels))
             results[name] = r

@@ -9,17 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from compiler.compress.mdwa import band_range
+from compiler.compress.mdwa import band_range, scale_of_kv_len
 from compiler.compress.quant import fake_quant_per_token, quantize_map
 from compiler.model.var import sdpa as dense_attention
-
-
-def _scale_of_kv_len(patch_nums):
-    out, cur = {}, 0
-    for s, pn in enumerate(patch_nums):
-        cur += pn * pn
-        out[cur] = s
-    return out
 
 
 def sparse_weights(q, k, windows_q, patch_nums):
@@ -74,7 +66,7 @@ class CompressedAttention:
     def __init__(self, patch_nums, windows=None, share=None, mode="map", attn_bits=None):
         self.patch_nums = tuple(patch_nums)
         self.windows, self.share, self.mode, self.attn_bits = windows, share, mode, attn_bits
-        self.scale_of = _scale_of_kv_len(patch_nums)
+        self.scale_of = scale_of_kv_len(patch_nums)
 
     def _sparse(self, qs):
         return self.windows is not None and any(w is not None for h in self.windows for w in h[qs])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compiler.compress.mdwa import WINDOW_CANDIDATES, window_statistics
+from compiler.compress.mdwa import WINDOW_CANDIDATES, scale_of_kv_len, window_statistics
 from compiler.sampler import generate
 
 
@@ -29,7 +29,11 @@ class CalibrationStats:
     candidates: tuple = WINDOW_CANDIDATES
 
     def mean_block_mass(self):
+        """Attention mass per query (block_mass averaged over the summed query rows)."""
         return self.block_mass / self.queries[None, None, :, None]
+
+    def mean_window_mass(self):
+        return self.window_mass / self.queries[None, None, :, None, None]
 
     def save(self, path):
         np.savez_compressed(path, block_mass=self.block_mass, window_mass=self.window_mass, queries=self.queries,
@@ -49,8 +53,7 @@ class _Recorder:
 
     def __init__(self, b, acc, patch_nums, map_scales):
         self.b, self.acc, self.patch_nums, self.map_scales = b, acc, patch_nums, map_scales
-        ends = np.cumsum([p * p for p in patch_nums])
-        self.scale_of = {int(e): s for s, e in enumerate(ends)}
+        self.scale_of = scale_of_kv_len(patch_nums)
 
     def __call__(self, q, k, v, attn_bias=None):
         qs = self.scale_of[k.shape[2]]
@@ -134,8 +137,7 @@ def plan_from_stats(stats: CalibrationStats, cfg, *, mdwa_threshold=0.95, dense_
     plan.calibration = dict(info or {})
     plan.attention_bits = attention_bits
     if mdwa_threshold is not None:
-        plan.windows = choose_windows(stats.mean_block_mass(), stats.window_mass / stats.queries[None, None, :, None, None],
-                                      cfg.patch_nums, mdwa_threshold, dense_scales, drop_share, stats.candidates)
+        plan.windows = choose_windows(stats.mean_block_mass(), stats.mean_window_mass(), cfg.patch_nums, mdwa_threshold, dense_scales, drop_share, stats.candidates)
         plan.mdwa_threshold = mdwa_threshold
         plan.calibration.update(dense_scales=dense_scales, drop_share=drop_share)
     if asc_threshold is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from compiler.sampler import autoregress, generate
+from compiler.sampler import autoregress, generate, sample_top_k_top_p
 
 
 def generate_batched(var, vae, labels, *, batch=25, seed=0, progress=None, **sampling):
@@ -24,18 +24,40 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.where(mse > 0, 10 * torch.log10(1 / mse.clamp(min=1e-10)), torch.full_like(mse, 100.0)).mean())
 
 
+def _chunks(labels, batch):
+    return [labels[i:i + batch] for i in range(0, len(labels), batch)]
+
+
 @torch.no_grad()
-def logit_kl(ref, comp, vae, labels, tokens, cfg=4.0) -> float:
-    """Mean KL(ref ‖ comp) of the guided next-token distributions along the reference tokens."""
-    begin_ends = ref.cfg.begin_ends
-    forced = lambda si, logits: tokens[:, begin_ends[si][0]:begin_ends[si][1]]  # noqa: E731
-    lp = autoregress(ref, vae, labels, forced, cfg=cfg)[2].log_softmax(-1)
-    lq = autoregress(comp, vae, labels, forced, cfg=cfg)[2].log_softmax(-1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+def greedy_run(model, vae, labels, cfg=4.0, batch=25):
+    """Greedy generation: (tokens B×L, images, guided log-probabilities B×L×V)."""
+    greedy = lambda si, logits: sample_top_k_top_p(logits, top_k=1)  # noqa: E731
+    toks, imgs, logps = [], [], []
+    for chunk in _chunks(labels, batch):
+        t, f_hat, logits = autoregress(model, vae, chunk, greedy, cfg=cfg)
+        toks.append(t)
+        imgs.append(vae.fhat_to_img(f_hat).add_(1).mul_(0.5))
+        logps.append(logits.log_softmax(-1))
+    return torch.cat(toks), torch.cat(imgs), torch.cat(logps)
 
 
-def greedy_agreement(ref, comp, vae, labels, cfg=4.0, batch=25):
-    """Greedy tokens of both models: (share of equal tokens, PSNR of their images, ref tokens)."""
-    t_ref, i_ref = generate_batched(ref, vae, labels, batch=batch, cfg=cfg, top_k=1, top_p=0.0)
-    t_cmp, i_cmp = generate_batched(comp, vae, labels, batch=batch, cfg=cfg, top_k=1, top_p=0.0)
-    return float((t_ref == t_cmp).double().mean()), psnr_db(i_ref, i_cmp), t_ref
+@torch.no_grad()
+def forced_logprobs(model, vae, labels, tokens, cfg=4.0, batch=25):
+    """Guided log-probabilities of `model` along given tokens (teacher forcing on the cached path)."""
+    begin_ends, out = model.cfg.begin_ends, []
+    for i, chunk in zip(range(0, len(labels), batch), _chunks(labels, batch)):
+        t = tokens[i:i + batch]
+        forced = lambda si, logits, t=t: t[:, begin_ends[si][0]:begin_ends[si][1]]  # noqa: E731
+        out.append(autoregress(model, vae, chunk, forced, cfg=cfg)[2].log_softmax(-1))
+    return torch.cat(out)
+
+
+def greedy_fidelity(reference, comp, vae, labels, cfg=4.0, batch=25) -> dict:
+    """Against a reference `greedy_run` on the same labels: share of equal greedy tokens, PSNR of
+    the greedy images, and mean KL(reference ‖ compressed) of the next-token distributions along
+    the reference tokens."""
+    t_ref, i_ref, lp = reference
+    t_cmp, i_cmp, _ = greedy_run(comp, vae, labels, cfg, batch)
+    lq = forced_logprobs(comp, vae, labels, t_ref, cfg, batch)
+    return {"token_agreement": float((t_ref == t_cmp).double().mean()), "psnr_greedy_db": psnr_db(i_ref, i_cmp),
+            "logit_kl": float((lp.exp() * (lp - lq)).sum(-1).mean())}

@@ -6,6 +6,8 @@ that every implementation (PyTorch here, TVM kernels later) keeps exactly the sa
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -35,8 +37,21 @@ def scale_mask(windows_q, patch_nums, q: int) -> torch.Tensor:
     return torch.cat([band_mask(n_q, patch_nums[k] ** 2, w) for k, w in enumerate(windows_q)], dim=1)
 
 
+@lru_cache(maxsize=None)
+def band_pairs(n_q: int, n_k: int, w) -> int:
+    """Number of pairs a window keeps; cached, since plans repeat the same few shapes thousands of times."""
+    return int(band_mask(n_q, n_k, w).sum())
+
+
 def kept_pairs(windows_q, patch_nums, q: int) -> int:
-    return int(scale_mask(windows_q, patch_nums, q).sum())
+    n_q = patch_nums[q] ** 2
+    return sum(band_pairs(n_q, patch_nums[k] ** 2, w) for k, w in enumerate(windows_q))
+
+
+def scale_of_kv_len(patch_nums) -> dict:
+    """KV length after scale s (tokens of scales 0..s) → s: how attention knows its scale."""
+    ends = np.cumsum([p * p for p in patch_nums])
+    return {int(e): s for s, e in enumerate(ends)}
 
 
 def coarse_keys_always_kept(q: int) -> int:
@@ -72,7 +87,7 @@ def choose_windows(block_mass, window_mass, patch_nums, threshold=0.95, dense_sc
                             w = 0
                         else:
                             for c, cand in enumerate(candidates):
-                                if int(band_mask(n_q, n_k, cand).sum()) == n_q * n_k:
+                                if band_pairs(n_q, n_k, cand) == n_q * n_k:
                                     break  # this window keeps everything: dense it is
                                 if window_mass[b, h, q, k, c] >= threshold * mass:
                                     w = int(cand)
