@@ -26,7 +26,7 @@ from compiler.compress.fidelity import generate_batched, greedy_fidelity, greedy
 from compiler.compress.plan import load_plan
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path, ensure_writable_dir
-from compiler.sample import to_uint8
+from device.output import to_uint8
 
 
 def cost_report(var, plan) -> dict:

@@ -10,18 +10,17 @@ Writes DIR/NNN_classC.png per image, DIR/grid.png, and DIR/samples.npz with `tok
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from compiler.checkpoint import load_models
 from compiler.cliargs import add_model_args, add_sampler_args
 from compiler.errors import UserError, cli
-from compiler.fileio import atomic_path, ensure_writable_dir
+from compiler.fileio import ensure_writable_dir
 from compiler.sampler import generate
+from device.output import save_samples
 
 
 def add_sampling_args(ap: argparse.ArgumentParser):
@@ -41,40 +40,6 @@ def labels_from_args(args, num_classes: int) -> list:
         if not 0 <= c < num_classes:
             raise UserError(f"--class {c}: out of range, this model has classes 0..{num_classes - 1}")
     return [c for _ in range(args.per_class) for c in args.classes]  # one row per draw
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """B×3×H×W floats in [0, 1] → B×H×W×3 uint8 (round half up, as PIL's ToPILImage does)."""
-    return (np.clip(images, 0, 1).transpose(0, 2, 3, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def grid(images_u8: np.ndarray, cols: int, upscale: int = 1) -> Image.Image:
-    B, H, W, _ = images_u8.shape
-    rows = -(-B // cols)
-    canvas = np.full((rows * (H + 2) + 2, cols * (W + 2) + 2, 3), 255, np.uint8)
-    for i, im in enumerate(images_u8):
-        r, c = divmod(i, cols)
-        canvas[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = im
-    img = Image.fromarray(canvas)
-    return img.resize((img.width * upscale, img.height * upscale), Image.NEAREST) if upscale > 1 else img
-
-
-def save_samples(out, labels, tokens: np.ndarray, images: np.ndarray, meta: dict, cols: int | None = None):
-    """PNG per image, a grid, samples.npz and meta.json, each written atomically."""
-    out = ensure_writable_dir(out)
-    u8 = to_uint8(images)
-    for i, (lab, im) in enumerate(zip(labels, u8)):
-        with atomic_path(out / f"{i:03d}_class{lab}.png") as tmp:
-            Image.fromarray(im).save(tmp, format="PNG")
-    upscale = max(1, 128 // u8.shape[1])
-    with atomic_path(out / "grid.png") as tmp:
-        grid(u8, cols or min(len(labels), 10), upscale).save(tmp, format="PNG")
-    with atomic_path(out / "samples.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, tokens=tokens.astype(np.int64), images=images.astype(np.float32),
-                     labels=np.asarray(labels, np.int64))
-    with atomic_path(out / "meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 @cli

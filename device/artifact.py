@@ -9,10 +9,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from device.errors import UserError
+
 MANIFEST = "manifest.json"
 
 
-class ArtifactError(Exception):
+class ArtifactError(UserError):
     """A missing, corrupted or incompatible artifact file (one line, names the file)."""
 
 

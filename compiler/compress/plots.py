@@ -76,7 +76,7 @@ def sensitivity_bars(results: dict, metric: str, path, baseline=None, title=""):
 
 def side_by_side(ref_u8, cmp_u8, cols, path, upscale=4):
     """Reference grid | compressed grid, same seeds."""
-    from compiler.sample import grid
+    from device.output import grid
 
     a, b = grid(ref_u8, cols, upscale), grid(cmp_u8, cols, upscale)
     fig, axes = plt.subplots(1, 2, figsize=(2 * a.width / 110 + 1, a.height / 110 + 0.6))

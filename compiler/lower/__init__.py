@@ -1,0 +1,1 @@
+"""Lowering the reference model to TVM Relax: one static graph per scale (relax.frontend.nn)."""

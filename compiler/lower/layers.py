@@ -1,0 +1,53 @@
+"""Graph layers that call the kernels of schedules/: dense (fp32 or W8A8) and attention."""
+from __future__ import annotations
+
+import torch
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from compiler.compress.quant import QuantLinear
+from compiler.lower.params import param
+from schedules import matmul
+
+
+def placeholder(shape, dtype="float32"):
+    return nn.Tensor.placeholder(list(shape), dtype)
+
+
+class Dense(nn.Module):
+    """y = x·Wᵀ + b from a torch Linear or a W8A8 QuantLinear; weights packed in panels."""
+
+    def __init__(self, linear, bias=None):
+        if isinstance(linear, QuantLinear):
+            if linear.scheme.name != "w8a8":
+                raise NotImplementedError(f"scheme {linear.scheme.name} has no compiled kernel yet")
+            self.scheme = "w8a8"
+            self.wp = param(matmul.pack_weight(linear.qweight.numpy()))
+            self.sw = param(linear.scales.float())
+            b = linear.bias
+        else:
+            self.scheme = "fp32"
+            self.wp = param(matmul.pack_weight(linear.weight.detach().float().numpy()))
+            b = linear.bias
+        O = self.wp.shape[0] * self.wp.shape[2]
+        if bias is not None:
+            b = bias
+        self.b = param(b.float() if b is not None else torch.zeros(O))
+        self.in_features, self.out_features = self.wp.shape[1], O
+
+    def forward(self, x):
+        lead = list(x.shape[:-1])
+        M = 1
+        for d in lead:
+            M *= int(d)
+        K, O = self.in_features, self.out_features
+        x2 = op.reshape(x, [M, K])
+        if self.scheme == "fp32":
+            y = op.tensor_ir_op(matmul.dense_fp32(M, K, O), "dense", [x2, self.wp, self.b], placeholder([M, O]))
+        else:
+            xq, sx = op.tensor_ir_op(matmul.quantize_per_token(M, K), "quantize_per_token", [x2],
+                                     [placeholder([M, K], "int8"), placeholder([M, 1])])
+            y = op.tensor_ir_op(matmul.dense_w8a8(M, K, O), "dense_w8a8", [xq, sx, self.wp, self.sw],
+                                placeholder([M, O]))
+            y = op.add(y, self.b)
+        return op.reshape(y, lead + [O])

@@ -1,0 +1,60 @@
+"""The exported module: every function the board calls, with fully static shapes for batch B.
+
+    embed(labels 2B int32)               → (cond, x₀)
+    scale_<s>(x, cond, tw, kv)           → (guided logits B×n×V, kv)     s = 0 … S−1
+    next_<s>(idx B×n int32, f_hat)       → (f_hat, x of scale s+1)       s = 0 … S−2
+    last(idx B×n int32, f_hat)           → f_hat
+    decode(f_hat)                        → images B×3×H×W in [0, 1]
+"""
+from __future__ import annotations
+
+import functools
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import spec
+
+from compiler.lower.var_graph import VARGraph
+from compiler.lower.vqvae_graph import VQVAEGraph
+
+
+class GenerationModule(nn.Module):
+    def __init__(self, var, vae, plan=None):
+        self.cfg = var.cfg
+        self.var = VARGraph(var, plan)
+        self.vae = VQVAEGraph(vae, var.cfg)
+        self.vae_cfg = vae.cfg
+        S = len(self.cfg.patch_nums)
+        for si in range(S):
+            setattr(self, f"scale_{si}", functools.partial(self.var.scale, si))
+        for si in range(S - 1):
+            setattr(self, f"next_{si}", functools.partial(self._next, si))
+
+    def embed(self, labels):
+        return self.var.embed(labels)
+
+    def _next(self, si, idx, f_hat):
+        f_hat, nxt = self.vae.update(si, idx, f_hat)
+        return f_hat, self.var.next_input(si + 1, nxt)
+
+    def last(self, idx, f_hat):
+        return self.vae.update(len(self.cfg.patch_nums) - 1, idx, f_hat)[0]
+
+    def decode(self, f_hat):
+        return self.vae.decode(f_hat)
+
+    def spec(self, batch: int) -> dict:
+        cfg, B = self.cfg, batch
+        NB, C, P = 2 * B, cfg.width, cfg.patch_nums[-1]
+        f32 = "float32"
+        kv = [spec.Tensor([2, NB, cfg.heads, cfg.seq_len, cfg.head_dim], f32) for _ in range(cfg.depth)]
+        f_hat = spec.Tensor([B, cfg.cvae, P, P], f32)
+        plain = {"$": {"param_mode": "plain", "effect_mode": "none"}}
+        out = {"embed": {"labels": spec.Tensor([NB], "int32"), **plain}}
+        for si, pn in enumerate(cfg.patch_nums):
+            out[f"scale_{si}"] = {"x": spec.Tensor([NB, pn * pn, C], f32), "cond": spec.Tensor([NB, C], f32),
+                                  "tw": spec.Tensor([2], f32), "kv": kv, **plain}
+            idx = spec.Tensor([B, pn * pn], "int32")
+            name = f"next_{si}" if si < len(cfg.patch_nums) - 1 else "last"
+            out[name] = {"idx": idx, "f_hat": f_hat, **plain}
+        out["decode"] = {"f_hat": f_hat, **plain}
+        return out

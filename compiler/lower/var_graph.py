@@ -1,0 +1,163 @@
+"""The VAR transformer as static Relax graphs, one function per scale (relax.frontend.nn).
+
+Functions of the exported module (B images, CFG batch 2B = [conditional; unconditional]):
+    embed(labels 2B)                         → (cond 2B×C, x 2B×1×C)      class embedding, scale 0 input
+    scale_<s>(x 2B×n×C, cond, tw 2, kv)      → (guided logits B×n×V, kv)  all blocks and the head
+kv is a tuple of `depth` caches 2×2B×H×L×c, preallocated by the caller and written in place at
+the scale's token offset; attention reads only the keys the plan keeps (schedules/attention.py).
+tw = (1 + t, t) are the guidance weights of the scale; `next_input` turns the VQVAE's
+downsampled f̂ into the next scale's input. Same arithmetic as compiler/model/var.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from compiler.compress.plan import Plan
+from compiler.lower.layers import Dense, placeholder
+from compiler.lower.params import param
+from compiler.model.var import LN_EPS, MAX_SCALE_MUL, VAR
+from schedules import attention as attn_kernels
+
+
+def _layer_norm(x, C):
+    return op.layer_norm(x, C, None, None, eps=LN_EPS)
+
+
+def _modulate(x, C, scale, shift):
+    return op.add(op.multiply(_layer_norm(x, C), scale + 1.0), shift)
+
+
+def slice_rows(t, b: int, e: int):
+    """t[b:e] along axis 0 for static b < e (split needs strictly increasing inner cut points)."""
+    cuts = [c for c in (b, e) if 0 < c < int(t.shape[0])]
+    parts = op.split(t, cuts, axis=0) if cuts else [t]
+    return parts[1 if b > 0 else 0]
+
+
+def window_table(plan: Plan | None, block: int, S: int, H: int) -> np.ndarray:
+    """win[q, h, k] for the attention kernel: −1 dense, 0 dropped, w > 0 a band."""
+    win = -np.ones((S, H, S), np.int32)
+    if plan is not None and plan.windows is not None:
+        for h in range(H):
+            for q in range(S):
+                for k, w in enumerate(plan.windows[block][h][q]):
+                    win[q, h, k] = -1 if w is None else int(w)
+    return win
+
+
+class Attention(nn.Module):
+    def __init__(self, attn, plan: Plan | None, block: int, cfg):
+        H, C = attn.heads, attn.heads * attn.head_dim
+        self.heads, self.head_dim, self.C = H, attn.head_dim, C
+        bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias)).float()
+        self.mat_qkv = Dense(attn.mat_qkv, bias=bias)
+        self.scale_mul = param(attn.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().float())
+        self.proj = Dense(attn.proj)
+        S = len(cfg.patch_nums)
+        self.windows = param(window_table(plan, block, S, H))
+        self.share = [bool(plan.asc_share[block][s]) if plan and plan.asc_share else False for s in range(S)]
+        self.mode = plan.asc_mode if plan else "map"
+
+    def forward(self, x, kv, si: int, geom, cfg):
+        NB, n = int(x.shape[0]), int(x.shape[1])
+        H, c, L, S = self.heads, self.head_dim, cfg.seq_len, len(cfg.patch_nums)
+        qkv = op.reshape(self.mat_qkv(x), [NB, n, 3, H, c])
+        q, k, v = op.split(op.permute_dims(qkv, [2, 0, 3, 1, 4]), 3, axis=0)
+        q, k, v = (op.reshape(t, [NB, H, n, c]) for t in (q, k, v))
+        norm = lambda t: op.divide(t, op.sqrt(op.sum(op.square(t), axis=-1, keepdims=True)).maximum(1e-12))
+        q = op.multiply(norm(q), self.scale_mul)
+        k = norm(k)
+        begin = cfg.begin_ends[si][0]
+        kv = op.tensor_ir_inplace_op(attn_kernels.kv_write(NB, H, n, c, L, begin), "kv_write", [kv, k, v],
+                                     inplace_indices=[0], out=placeholder(kv.shape))
+        share = self.mode if self.share[si] else None
+        o = op.tensor_ir_op(attn_kernels.windowed_attention(NB, H, n, c, L, S, si, share), "attention",
+                            [q, kv, self.windows, geom], placeholder([NB, H, n, c]))
+        o = op.reshape(op.permute_dims(o, [0, 2, 1, 3]), [NB, n, self.C])
+        return self.proj(o), kv
+
+
+class FFN(nn.Module):
+    def __init__(self, ffn):
+        self.fc1, self.fc2 = Dense(ffn.fc1), Dense(ffn.fc2)
+
+    def forward(self, x):
+        return self.fc2(op.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, block, plan, index, cfg):
+        self.C, self.shared_aln = cfg.width, cfg.shared_aln
+        self.attn = Attention(block.attn, plan, index, cfg)
+        self.ffn = FFN(block.ffn)
+        if cfg.shared_aln:
+            self.ada_gss = param(block.ada_gss.float())
+        else:
+            self.ada_lin = Dense(block.ada_lin[1])
+
+    def forward(self, x, cond, kv, si, geom, cfg):
+        C, NB = self.C, int(x.shape[0])
+        if self.shared_aln:
+            mod = op.add(self.ada_gss, cond)                       # 2B×1×6×C
+        else:
+            mod = op.reshape(self.ada_lin(op.silu(cond)), [NB, 1, 6, C])
+        g1, g2, s1, s2, b1, b2 = (op.reshape(t, [NB, 1, C]) for t in op.split(mod, 6, axis=2))
+        a, kv = self.attn(_modulate(x, C, s1, b1), kv, si, geom, cfg)
+        x = op.add(x, op.multiply(a, g1))
+        x = op.add(x, op.multiply(self.ffn(_modulate(x, C, s2, b2)), g2))
+        return x, kv
+
+
+class VARGraph(nn.Module):
+    """All per-scale VAR functions; parameters are taken from a (plan-applied) reference VAR."""
+
+    def __init__(self, var: VAR, plan: Plan | None = None):
+        cfg = self.cfg = var.cfg
+        self.class_emb = param(var.class_emb.weight.float())
+        self.pos_start = param(var.pos_start.float())
+        self.lvl_pos = param(var.lvl_pos()[0].float())             # L×C, as the reference adds it
+        if cfg.shared_aln:
+            self.shared_ada_lin = Dense(var.shared_ada_lin[1])
+        self.blocks = nn.ModuleList([Block(b, plan, i, cfg) for i, b in enumerate(var.blocks)])
+        self.head_ada_lin = Dense(var.head_nm.ada_lin[1])
+        self.head = Dense(var.head)
+        self.word_embed = Dense(var.word_embed)
+        ends = np.cumsum([p * p for p in cfg.patch_nums])
+        self.geom = param(np.stack([ends - np.array(cfg.patch_nums) ** 2, np.array(cfg.patch_nums) ** 2], 1).astype(np.int32))
+
+    def lvl_pos_slice(self, si: int):
+        b, e = self.cfg.begin_ends[si]
+        return slice_rows(self.lvl_pos, b, e)                       # n×C
+
+    def embed(self, labels):
+        cfg, NB, C = self.cfg, int(labels.shape[0]), self.cfg.width
+        cond = op.take(self.class_emb, labels, axis=0)                 # 2B×C
+        first = cfg.patch_nums[0] ** 2
+        x = op.add(op.add(op.broadcast_to(op.reshape(cond, [NB, 1, C]), [NB, first, C]), self.pos_start),
+                   self.lvl_pos_slice(0))
+        return cond, x
+
+    def next_input(self, si: int, nxt):
+        """Scale si's input from f̂ downsampled to it (B×n×Cvae): word_embed + lvl_pos, both CFG halves."""
+        x = op.add(self.word_embed(nxt), self.lvl_pos_slice(si))
+        return op.concat([x, x], dim=0)
+
+    def scale(self, si: int, x, cond, tw, kv):
+        cfg, C, NB = self.cfg, self.cfg.width, int(x.shape[0])
+        n, V = int(x.shape[1]), cfg.vocab_size
+        block_cond = cond
+        if cfg.shared_aln:
+            block_cond = op.reshape(self.shared_ada_lin(op.silu(cond)), [NB, 1, 6, C])
+        kv = list(kv)
+        for d, block in enumerate(self.blocks):
+            x, kv[d] = block(x, block_cond, kv[d], si, self.geom, cfg)
+        scale, shift = op.split(op.reshape(self.head_ada_lin(op.silu(cond)), [NB, 1, 2, C]), 2, axis=2)
+        h = _modulate(x, C, op.reshape(scale, [NB, 1, C]), op.reshape(shift, [NB, 1, C]))
+        logits = self.head(h)                                            # 2B×n×V
+        cond_l, uncond_l = op.split(logits, 2, axis=0)
+        w_cond, w_uncond = op.split(tw, 2, axis=0)
+        guided = op.subtract(op.multiply(cond_l, w_cond), op.multiply(uncond_l, w_uncond))
+        return op.reshape(guided, [NB // 2, n, V]), tuple(kv)

@@ -1,0 +1,156 @@
+"""The VQVAE side of generation as static Relax graphs: the f̂ update after each scale and the
+decoder. Same arithmetic as compiler/model/vqvae.py, with the bicubic upsampling and the area
+downsampling written as exact 1-D interpolation matrices (U·h·Uᵀ), which is what the separable
+PyTorch kernels compute.
+
+    update(s, idx B×n int32, f_hat B×Cvae×P×P) → (f_hat, f̂ area-downsampled to scale s+1)
+    decode(f_hat)                              → images B×3×H×W in [0, 1]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from compiler.lower.layers import placeholder
+from compiler.lower.params import param
+from compiler.model.vqvae import VQVAE
+from schedules import conv as conv_kernels
+
+
+def interpolation_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
+    """n_out×n_in matrix M with interpolate(x) = M·x along one axis (the other axis kept at 1)."""
+    eye = torch.eye(n_in).view(n_in, 1, n_in, 1)
+    return F.interpolate(eye, size=(n_out, 1), mode=mode)[:, 0, :, 0].T.contiguous()
+
+
+def _resize(h, M):
+    """h …×a×a → M·h·Mᵀ (…×b×b)."""
+    return op.matmul(op.matmul(M, h), op.permute_dims(M, [1, 0]))
+
+
+class Conv(nn.Module):
+    def __init__(self, conv):
+        self.weight, self.bias = param(conv.weight.float()), param(conv.bias.float())
+        self.stride, self.padding = conv.stride[0], conv.padding[0]
+
+    def forward(self, x):
+        Co, Ci, k, _ = self.weight.shape
+        if self.stride != 1 or self.padding != k // 2:
+            return op.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        B, _, H, W = (int(d) for d in x.shape)
+        return op.tensor_ir_op(conv_kernels.conv2d(B, int(Ci), H, W, int(Co), int(k)), "conv2d",
+                               [x, self.weight, self.bias], placeholder([B, int(Co), H, W]))
+
+
+class Norm(nn.Module):
+    def __init__(self, gn):
+        self.weight, self.bias, self.groups, self.eps = param(gn.weight), param(gn.bias), gn.num_groups, gn.eps
+
+    def forward(self, x):
+        return op.group_norm(x, self.groups, self.weight, self.bias, eps=self.eps)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, blk):
+        self.norm1, self.conv1 = Norm(blk.norm1), Conv(blk.conv1)
+        self.norm2, self.conv2 = Norm(blk.norm2), Conv(blk.conv2)
+        self.shortcut = Conv(blk.nin_shortcut) if isinstance(blk.nin_shortcut, torch.nn.Conv2d) else None
+
+    def forward(self, x):
+        h = self.conv1(op.silu(self.norm1(x)))
+        h = self.conv2(op.silu(self.norm2(h)))
+        return op.add(self.shortcut(x) if self.shortcut is not None else x, h)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, blk):
+        self.C = blk.C
+        self.norm, self.qkv, self.proj_out = Norm(blk.norm), Conv(blk.qkv), Conv(blk.proj_out)
+
+    def forward(self, x):
+        B, C, H, W = (int(d) for d in x.shape)
+        q, k, v = op.split(op.reshape(self.qkv(self.norm(x)), [B, 3, C, H * W]), 3, axis=1)
+        q, k, v = (op.reshape(t, [B, C, H * W]) for t in (q, k, v))
+        w = op.softmax(op.matmul(op.permute_dims(q, [0, 2, 1]), k) * (C ** -0.5), axis=2)
+        h = op.reshape(op.matmul(v, op.permute_dims(w, [0, 2, 1])), [B, C, H, W])
+        return op.add(x, self.proj_out(h))
+
+
+def _upsample_nearest(x):
+    B, C, H, W = (int(d) for d in x.shape)
+    x = op.broadcast_to(op.reshape(x, [B, C, H, 1, W, 1]), [B, C, H, 2, W, 2])
+    return op.reshape(x, [B, C, 2 * H, 2 * W])
+
+
+class Decoder(nn.Module):
+    def __init__(self, dec):
+        self.conv_in = Conv(dec.conv_in)
+        self.mid = nn.ModuleList([ResnetBlock(dec.mid.block_1), ResnetBlock(dec.mid.block_2)])
+        self.mid_attn = AttnBlock(dec.mid.attn_1) if not isinstance(dec.mid.attn_1, torch.nn.Identity) else None
+        levels = []
+        for level in reversed(dec.up):   # coarsest first, the order they run in
+            lv = nn.Module()
+            lv.blocks = nn.ModuleList([ResnetBlock(b) for b in level.block])
+            lv.attns = nn.ModuleList([AttnBlock(a) for a in level.attn])
+            lv.upsample = Conv(level.upsample.conv) if hasattr(level, "upsample") else None
+            levels.append(lv)
+        self.levels = nn.ModuleList(levels)
+        self.norm_out, self.conv_out = Norm(dec.norm_out), Conv(dec.conv_out)
+
+    def forward(self, z):
+        h = self.mid[0](self.conv_in(z))
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        h = self.mid[1](h)
+        for lv in self.levels:
+            for i, blk in enumerate(lv.blocks):
+                h = blk(h)
+                if len(lv.attns):
+                    h = lv.attns[i](h)
+            if lv.upsample is not None:
+                h = lv.upsample(_upsample_nearest(h))
+        return self.conv_out(op.silu(self.norm_out(h)))
+
+
+class VQVAEGraph(nn.Module):
+    """f̂ updates and the decoder."""
+
+    def __init__(self, vae: VQVAE, cfg):
+        q = vae.quantize
+        self.cfg, self.pns = cfg, cfg.patch_nums
+        self.embedding = param(q.embedding.weight.float())
+        P = self.pns[-1]
+        self.phis = nn.ModuleList([Conv(phi) for phi in q.quant_resi.qresi_ls])
+        self.phi_index = [q.quant_resi.index(si / (len(self.pns) - 1)) for si in range(len(self.pns))]
+        self.phi_ratio = [phi.ratio for phi in q.quant_resi.qresi_ls]
+        self.up = nn.ModuleList([_Matrix(interpolation_matrix(pn, P, "bicubic")) for pn in self.pns[:-1]])
+        self.down = nn.ModuleList([_Matrix(interpolation_matrix(P, pn, "area")) for pn in self.pns[1:]])
+        self.post_quant_conv = Conv(vae.post_quant_conv)
+        self.decoder = Decoder(vae.decoder)
+
+    def update(self, si: int, idx, f_hat):
+        B, n = int(idx.shape[0]), int(idx.shape[1])
+        pn, S, Cv = self.pns[si], len(self.pns), int(f_hat.shape[1])
+        h = op.permute_dims(op.reshape(op.take(self.embedding, op.reshape(idx, [B * n]), axis=0), [B, pn, pn, Cv]),
+                            [0, 3, 1, 2])
+        if si != S - 1:
+            h = _resize(h, self.up[si].m)
+        k = self.phi_index[si]
+        r = self.phi_ratio[k]
+        f_hat = op.add(f_hat, h * (1 - r) + self.phis[k](h) * r)
+        if si == S - 1:
+            return f_hat, None
+        pn2 = self.pns[si + 1]
+        nxt = op.reshape(_resize(f_hat, self.down[si].m), [B, Cv, pn2 * pn2])
+        return f_hat, op.permute_dims(nxt, [0, 2, 1])                 # B×n'×Cv
+
+    def decode(self, f_hat):
+        img = self.decoder(self.post_quant_conv(f_hat))
+        return (img.maximum(-1.0).minimum(1.0) + 1.0) * 0.5
+
+
+class _Matrix(nn.Module):
+    def __init__(self, m):
+        self.m = param(m.float())

@@ -1,0 +1,132 @@
+"""Compiled builds against the PyTorch reference: same greedy tokens, same images; artifact checks."""
+import os
+import subprocess
+import sys
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.build import build
+from compiler.compress.apply import apply_plan
+from compiler.compress.plan import Plan, linear_layer_names, load_plan
+from compiler.sampler import generate
+from conftest import ROOT, run_cli, tiny_models
+from device.artifact import ArtifactError
+from device.runtime import CompiledVAR
+
+LABELS = [0, 3]
+
+
+def tiny_plan(var) -> Plan:
+    """Bands, a dropped key scale, ASC on two scales and W8A8 everywhere but ffn.fc2."""
+    cfg = var.cfg
+    plan = Plan.empty(cfg)
+    S = len(cfg.patch_nums)
+    plan.windows = [[[[None] * (q + 1) for q in range(S)] for _ in range(cfg.heads)] for _ in range(cfg.depth)]
+    plan.windows[0][0][3] = [None, 1, 2, 1]
+    plan.windows[1][1][3] = [0, None, 1, 2]
+    plan.windows[1][0][2] = [None, 1, 1]
+    plan.asc_share = [[False, False, True, True], [False, False, False, True]]
+    plan.asc_mode = "map"
+    for name in linear_layer_names(cfg):
+        if not name.endswith("ffn.fc2"):
+            plan.quant_layers[name] = {"scheme": "w8a8", "group": None}
+    return plan
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def dense_artifact(tiny, tmp_path_factory):
+    var, vae = tiny
+    return build(var, vae, None, "host", 2, tmp_path_factory.mktemp("b") / "dense", log=lambda s: None)
+
+
+def greedy(var, vae, labels):
+    toks, imgs = generate(var, vae, labels, cfg=4.0, top_k=1, top_p=0.0)
+    return toks.numpy(), imgs.numpy()
+
+
+def test_dense_build_gives_the_reference_tokens_and_images(tiny, dense_artifact):
+    var, vae = tiny
+    want_t, want_i = greedy(var, vae, LABELS)
+    got_t, got_i = CompiledVAR(dense_artifact).generate(LABELS, cfg=4.0, top_k=1, top_p=0.0)
+    np.testing.assert_array_equal(got_t, want_t)
+    np.testing.assert_allclose(got_i, want_i, atol=1e-3)
+    # a short batch is padded and cut, and gives the same image as in a full batch
+    one_t, one_i = CompiledVAR(dense_artifact).generate([3], cfg=4.0, top_k=1, top_p=0.0)
+    np.testing.assert_array_equal(one_t[0], want_t[1])
+
+
+def test_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
+    var, vae = tiny
+    plan = tiny_plan(var)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    plan = load_plan(path, var.cfg)
+    art = build(var, vae, plan, "host", 2, tmp_path / "plan_art", log=lambda s: None)
+    want_t, _ = greedy(apply_plan(var, plan), vae, LABELS)
+    got_t, _ = CompiledVAR(art).generate(LABELS, cfg=4.0, top_k=1, top_p=0.0)
+    np.testing.assert_array_equal(got_t, want_t)
+    assert json.loads((art / "manifest.json").read_text())["plan"]["asc"]["mode"] == "map"
+
+
+def test_tampered_or_missing_artifact_files_are_refused(dense_artifact, tmp_path):
+    import shutil
+    art = tmp_path / "a"
+    shutil.copytree(dense_artifact, art)
+    with open(art / "params.npz", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ArtifactError, match="params.npz: sha256 does not match"):
+        CompiledVAR(art)
+    (art / "model.so").unlink()
+    with pytest.raises(ArtifactError, match="model.so: listed in manifest.json but missing"):
+        CompiledVAR(art)
+
+
+def test_device_generate_runs_without_torch(dense_artifact, tmp_path):
+    """The board has no PyTorch: run the CLI with `import torch` made to fail."""
+    out = tmp_path / "gen"
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            "sys.argv = ['device.generate'] + sys.argv[1:]; runpy.run_module('device.generate', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, "--artifact", str(dense_artifact), "--class", "1", "4",
+                        "-n", "2", "--seed", "3", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = np.load(out / "samples.npz")
+    assert data["tokens"].shape == (4, 30) and data["images"].shape[0] == 4
+    assert list(data["labels"]) == [1, 4, 1, 4]
+    assert (out / "grid.png").is_file() and (out / "000_class1.png").is_file()
+
+
+def test_build_cli_errors_are_one_line(tmp_path, tiny_ckpts):
+    pv, pe = tiny_ckpts
+    r = run_cli("compiler.build", "--target", "jetson-nowhere", "--var", pv, "--vae", pe, "--out", tmp_path / "x")
+    assert r.returncode == 2 and "unknown target" in r.stderr and "host" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # a plan made for another depth is refused, naming the plan file
+    var, _ = tiny_models()
+    plan = Plan.empty(var.cfg)
+    plan.model["depth"] = 7
+    plan.save(tmp_path / "other.json")
+    r = run_cli("compiler.build", "--var", pv, "--vae", pe, "--plan", tmp_path / "other.json", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "other.json" in r.stderr and "depth" in r.stderr
+    assert not (tmp_path / "x").exists()
+    # an unwritable output directory
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.geteuid() != 0:
+        r = run_cli("compiler.build", "--var", pv, "--vae", pe, "--out", ro / "sub" / "art")
+        assert r.returncode == 2 and "ro" in r.stderr
+
+
+def test_device_generate_refuses_a_missing_artifact(tmp_path):
+    r = run_cli("device.generate", "--artifact", tmp_path / "nothing", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "not an artifact directory" in r.stderr

@@ -1,0 +1,116 @@
+"""Each kernel of schedules/ alone against a numpy reference, on odd shapes."""
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from compiler.compress.mdwa import scale_mask
+from compiler.compress.quant import W8A8, quantize_per_token_int8
+from schedules import attention, matmul
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+DEV = tvm.cpu()
+
+
+def run(func, *arrays, out):
+    ex = tvm.compile(tvm.IRModule({"f": func.with_attr("global_symbol", "f")}), target=TARGET)
+    outs = [tvm.runtime.empty(shape, dtype, DEV) for shape, dtype in out]
+    ex["f"](*[tvm.runtime.tensor(a, DEV) for a in arrays], *outs)
+    return [o.numpy() for o in outs]
+
+
+@pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 40, 32), (50, 128, 16), (7, 8, 16)])
+def test_dense_fp32_matches_numpy(M, K, O):
+    rng = np.random.default_rng(M)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (O, K), (O,)))
+    (y,) = run(matmul.dense_fp32(M, K, O), x, matmul.pack_weight(w), b, out=[((M, O), "float32")])
+    np.testing.assert_allclose(y, x @ w.T + b, rtol=1e-5, atol=1e-4)
+
+
+def test_pack_weight_refuses_ragged_panels():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        matmul.pack_weight(np.zeros((20, 8), np.float32))
+
+
+@pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 40, 32)])
+def test_w8a8_kernels_equal_the_pytorch_simulation_bit_for_bit(M, K, O):
+    rng = np.random.default_rng(O)
+    x = (rng.standard_normal((M, K)) * 3).astype(np.float32)
+    x[0, :4] = [0.5, -0.5, 1.5, 2.5]  # ties: round half to even
+    w = rng.standard_normal((O, K)).astype(np.float32)
+    b = rng.standard_normal(O).astype(np.float32)
+    scheme = W8A8()
+    packed = scheme.pack(torch.from_numpy(w))
+    want = (scheme.matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
+    xq, sx = run(matmul.quantize_per_token(M, K), x, out=[((M, K), "int8"), ((M, 1), "float32")])
+    ref_q, ref_s = quantize_per_token_int8(torch.from_numpy(x))
+    np.testing.assert_array_equal(xq, ref_q.numpy())
+    np.testing.assert_array_equal(sx, ref_s.numpy())
+    (y,) = run(matmul.dense_w8a8(M, K, O), xq, sx, matmul.pack_weight(packed["qweight"].numpy()),
+               packed["scales"].numpy(), out=[((M, O), "float32")])
+    np.testing.assert_array_equal(y + b, want)
+
+
+def reference_attention(q, kv, win, pns, qs, share):
+    NB, H = q.shape[:2]
+    end = sum(p * p for p in pns[:qs + 1])
+    out = np.zeros_like(q)
+    for h in range(H):
+        windows = [None if w < 0 else int(w) for w in win[qs, h, :qs + 1]]
+        mask = scale_mask(windows, pns, qs).numpy()
+        src = range(NB // 2) if share else range(NB)
+        for b in src:
+            s = np.where(mask, q[b, h] @ kv[0, b, h, :end].T, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            out[b, h] = p @ kv[1, b, h, :end]
+            if share == "map":
+                out[b + NB // 2, h] = p @ kv[1, b + NB // 2, h, :end]
+            elif share == "output":
+                out[b + NB // 2, h] = out[b, h]
+    return out
+
+
+@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("c", [8, 6])
+def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c):
+    pns = [1, 2, 3, 4]
+    S, H, NB, qs = 4, 3, 4, 3
+    L = sum(p * p for p in pns)
+    n = pns[qs] ** 2
+    rng = np.random.default_rng(c)
+    q = rng.standard_normal((NB, H, n, c)).astype(np.float32)
+    kv = rng.standard_normal((2, NB, H, L, c)).astype(np.float32)
+    win = -np.ones((S, H, S), np.int32)
+    win[qs, 0] = [-1, 1, 2, 1]     # bands, the widest at the edges of the scale
+    win[qs, 1] = [0, -1, 1, 0]     # dropped key scales
+    win[qs, 2] = [-1, -1, -1, 16]  # a window wider than the scale: dense
+    ends = np.cumsum([p * p for p in pns])
+    geom = np.stack([ends - np.array(pns) ** 2, np.array(pns) ** 2], 1).astype(np.int32)
+    (out,) = run(attention.windowed_attention(NB, H, n, c, L, S, qs, share), q, kv, win, geom,
+                 out=[((NB, H, n, c), "float32")])
+    np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
+
+
+def test_kv_write_fills_only_its_scale():
+    NB, H, n, c, L, begin = 2, 2, 4, 8, 14, 5
+    kv = np.full((2, NB, H, L, c), 7.0, np.float32)
+    k = np.random.default_rng(0).standard_normal((NB, H, n, c)).astype(np.float32)
+    f = attention.kv_write(NB, H, n, c, L, begin).with_attr("global_symbol", "f")
+    ex = tvm.compile(tvm.IRModule({"f": f}), target=TARGET)
+    kv_t = tvm.runtime.tensor(kv, DEV)
+    ex["f"](kv_t, tvm.runtime.tensor(k, DEV), tvm.runtime.tensor(-k, DEV))
+    got = kv_t.numpy()
+    np.testing.assert_array_equal(got[0, :, :, begin:begin + n], k)
+    np.testing.assert_array_equal(got[1, :, :, begin:begin + n], -k)
+    assert (got[:, :, :, :begin] == 7).all() and (got[:, :, :, begin + n:] == 7).all()
+
+
+@pytest.mark.parametrize("B,Ci,H,W,Co,k", [(1, 5, 16, 16, 8, 3), (2, 3, 6, 10, 7, 3), (1, 4, 8, 8, 12, 1)])
+def test_conv2d_matches_pytorch(B, Ci, H, W, Co, k):
+    from schedules.conv import conv2d
+    rng = np.random.default_rng(Ci)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, Ci, H, W), (Co, Ci, k, k), (Co,)))
+    (y,) = run(conv2d(B, Ci, H, W, Co, k), x, w, b, out=[((B, Co, H, W), "float32")])
+    want = torch.nn.functional.conv2d(*map(torch.from_numpy, (x, w, b)), padding=k // 2).numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
