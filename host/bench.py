@@ -1,0 +1,147 @@
+"""Per-image generation time and peak memory of each engine, measured side by side in one run.
+
+    python -m host.bench --target host [--model demo|d16] [--plan plans/demo-all.json] \\
+        [--images 5] [--dense-artifact DIR --plan-artifact DIR] --out bench.json
+
+Engines: the PyTorch eager reference (fp32), the compiled dense build and the compiled plan
+build; batch 1, CFG, ten scales, decoder included, top-k 900 / top-p 0.95 sampling. Images are
+interleaved (engine A, B, C, A, B, C, …) so that load on this shared machine hits every engine
+alike; the median is reported. Peak memory is the resident-set high-water mark of a separate
+process per engine that loads it and generates one image. Artifacts are built when not given.
+`onnxruntime_s` is null until the ONNX export lands (see the README).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from compiler.errors import UserError, cli
+from compiler.fileio import atomic_path
+
+ENGINES = ("pytorch", "tvm_dense", "tvm_plan")
+DEFAULT_PLAN = {"demo": "plans/demo-all.json", "d16": None}
+
+
+def load_reference(model: str):
+    from compiler.checkpoint import build_var, build_vqvae, load_models
+    if model == "demo":
+        return load_models()
+    from compiler.official import random_official_state_dict
+    var = build_var(random_official_state_dict("var_d16"), "var_d16 (random values)")
+    vae = build_vqvae(random_official_state_dict("vae_ch160v4096z32"), var.cfg.patch_nums, "vae (random values)")
+    return var, vae
+
+
+def make_engine(name: str, var, vae, artifacts: dict):
+    """A function generating one image of class c (sampling, seed s)."""
+    if name == "pytorch":
+        import torch
+        from compiler.sampler import generate
+        torch.set_num_threads(torch.get_num_threads())
+        return lambda c, s: generate(var, vae, [c], seed=s)
+    from device.runtime import CompiledVAR
+    from device.sampling import make_rng
+    model = CompiledVAR(artifacts[name])
+    return lambda c, s: model.generate([c], rng=make_rng(s))
+
+
+def vm_hwm_mb() -> float:
+    """This process's resident high-water mark. /proc's VmHWM, not ru_maxrss: a child started
+    from a big parent inherits the parent's ru_maxrss across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mb(name: str, args) -> float:
+    """Run one image of `name` in a fresh process and return its resident high-water mark."""
+    cmd = [sys.executable, "-m", "host.bench", "--model", args.model, "--memory-of", name,
+           "--dense-artifact", str(args.dense_artifact), "--plan-artifact", str(args.plan_artifact), "--out", "-"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if r.returncode:
+        raise UserError(f"memory run of {name} failed: {r.stderr.strip().splitlines()[-1:]}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def ensure_artifacts(args, var, vae, log):
+    from compiler.build import build, check_compilable
+    from compiler.compress.plan import load_plan
+    work = Path(tempfile.mkdtemp(prefix="bench-artifacts-"))
+    if args.dense_artifact is None:
+        log("building the dense artifact")
+        args.dense_artifact = build(var, vae, None, args.target, 1, work / "dense", log=log)
+    if args.plan_artifact is None:
+        plan_path = args.plan or DEFAULT_PLAN[args.model]
+        if plan_path is None:
+            raise UserError(f"--model {args.model}: give --plan (or --plan-artifact)")
+        plan = load_plan(plan_path, var.cfg)
+        check_compilable(plan, plan_path)
+        log(f"building the plan artifact ({plan_path})")
+        args.plan_artifact = build(var, vae, plan, args.target, 1, work / "plan", plan_path=plan_path, log=log)
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m host.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="host")
+    ap.add_argument("--model", choices=("demo", "d16"), default="demo",
+                    help="demo: the bundled model; d16: an official-format d16 with random values")
+    ap.add_argument("--plan", help="plan for the plan build (default for demo: plans/demo-all.json)")
+    ap.add_argument("--images", type=int, default=5, help="images per engine (median reported; at least 5)")
+    ap.add_argument("--dense-artifact", type=Path, help="reuse a dense build of the same model")
+    ap.add_argument("--plan-artifact", type=Path, help="reuse a plan build of the same model")
+    ap.add_argument("--memory-of", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--out", required=True, help="bench.json to write")
+    args = ap.parse_args(argv)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.memory_of:  # child process: one image, then report the high-water mark
+        if args.memory_of != "pytorch":  # a board process: no PyTorch, no reference model
+            sys.modules["torch"] = None
+            var = vae = None
+        else:
+            var, vae = load_reference(args.model)
+        make_engine(args.memory_of, var, vae, {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact})(3, 0)
+        print(vm_hwm_mb())
+        return
+
+    var, vae = load_reference(args.model)
+    if args.images < 5:
+        raise UserError(f"--images must be at least 5 for a median, got {args.images}")
+    ensure_artifacts(args, var, vae, log)
+    artifacts = {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact}
+    engines = {name: make_engine(name, var, vae, artifacts) for name in ENGINES}
+    for name, run in engines.items():  # warm-up: first-call allocations and caches
+        run(0, 0)
+    times = {name: [] for name in ENGINES}
+    for i in range(args.images):
+        for name, run in engines.items():
+            t0 = time.perf_counter()
+            run(i % var.cfg.num_classes, i)
+            times[name].append(time.perf_counter() - t0)
+            log(f"image {i + 1}/{args.images} {name}: {times[name][-1]:.3f} s")
+    med = {name: statistics.median(t) for name, t in times.items()}
+    peak = {name: peak_rss_mb(name, args) for name in ENGINES}
+    result = {
+        "model": args.model, "target": args.target, "images": args.images, "batch": 1, "cfg": 4.0,
+        "pytorch_s": med["pytorch"], "onnxruntime_s": None, "tvm_dense_s": med["tvm_dense"], "tvm_plan_s": med["tvm_plan"],
+        "peak_mb": {**peak, "onnxruntime": None},
+        "speedup_vs_pytorch": {"tvm_dense": med["pytorch"] / med["tvm_dense"], "tvm_plan": med["pytorch"] / med["tvm_plan"]},
+        "all_s": times, "dense_artifact": str(args.dense_artifact), "plan_artifact": str(args.plan_artifact),
+    }
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    for name in ENGINES:
+        print(f"{name:10s} {med[name]:.3f} s/image  peak {peak[name]:.0f} MB  "
+              f"({med['pytorch'] / med[name]:.2f}x PyTorch)")
+
+
+if __name__ == "__main__":
+    main()
