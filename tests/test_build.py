@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from compiler.build import build
 from compiler.compress.apply import apply_plan
