@@ -76,7 +76,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, plan_path=None, 
     out = Path(out)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    ensure_writable_dir(out.parent if str(out.parent) else ".")
+    ensure_writable_dir(out.parent)
     t0 = time.perf_counter()
     log(f"[1/3] lowering to Relax (batch {batch}, {len(var.cfg.patch_nums)} scales)")
     mod, params = lower(var, vae, plan, batch)

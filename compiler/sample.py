@@ -16,30 +16,12 @@ import numpy as np
 from tqdm import tqdm
 
 from compiler.checkpoint import load_models
-from compiler.cliargs import add_model_args, add_sampler_args
-from compiler.errors import UserError, cli
+from compiler.cliargs import add_model_args
+from compiler.errors import cli
 from compiler.fileio import ensure_writable_dir
 from compiler.sampler import generate
+from device.cliargs import add_sampling_args, labels_from_args
 from device.output import save_samples
-
-
-def add_sampling_args(ap: argparse.ArgumentParser):
-    """The sampling options shared by every command that generates images."""
-    ap.add_argument("--class", dest="classes", type=int, nargs="+", default=[3], metavar="C",
-                    help="class ids to sample; the grid has one column per class and one row per -n")
-    ap.add_argument("-n", "--per-class", type=int, default=1, help="images per class (default 1)")
-    add_sampler_args(ap)
-
-
-def labels_from_args(args, num_classes: int) -> list:
-    if args.per_class < 1:
-        raise UserError(f"-n/--per-class must be at least 1, got {args.per_class}")
-    if args.top_k < 0 or not 0 <= args.top_p <= 1:
-        raise UserError(f"--top-k must be >= 0 and --top-p in [0, 1], got {args.top_k} and {args.top_p}")
-    for c in args.classes:
-        if not 0 <= c < num_classes:
-            raise UserError(f"--class {c}: out of range, this model has classes 0..{num_classes - 1}")
-    return [c for _ in range(args.per_class) for c in args.classes]  # one row per draw
 
 
 @cli

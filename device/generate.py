@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from device.errors import UserError, cli
+from device.cliargs import add_sampling_args, labels_from_args
+from device.errors import cli
 from device.fileio import ensure_writable_dir
 from device.output import save_samples
 from device.runtime import CompiledVAR
@@ -26,24 +27,12 @@ from device.sampling import make_rng
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m device.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--artifact", required=True, help="directory written by python -m compiler.build")
-    ap.add_argument("--class", dest="classes", type=int, nargs="+", default=[3], metavar="C")
-    ap.add_argument("-n", "--per-class", type=int, default=1, help="images per class (default 1)")
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=900)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--seed", type=int, default=0)
+    add_sampling_args(ap)
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
-    if args.per_class < 1:
-        raise UserError(f"-n/--per-class must be at least 1, got {args.per_class}")
-    if args.top_k < 0 or not 0 <= args.top_p <= 1:
-        raise UserError(f"--top-k must be >= 0 and --top-p in [0, 1], got {args.top_k} and {args.top_p}")
     ensure_writable_dir(args.out)
     model = CompiledVAR(args.artifact)
-    for c in args.classes:
-        if not 0 <= c < model.num_classes:
-            raise UserError(f"--class {c}: out of range, this model has classes 0..{model.num_classes - 1}")
-    labels = [c for _ in range(args.per_class) for c in args.classes]
+    labels = labels_from_args(args, model.num_classes)
     chunks = [labels[i:i + model.batch] for i in range(0, len(labels), model.batch)]
     S = len(model.patch_nums)
     toks, imgs, t0 = [], [], time.perf_counter()

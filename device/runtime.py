@@ -46,7 +46,6 @@ class CompiledVAR:
         kv_shape = (2, 2 * self.batch, model["heads"], model["seq_len"], model["width"] // model["heads"])
         self.kv = [tvm.runtime.empty(kv_shape, "float32", self.dev) for _ in range(model["depth"])]
         self.f_hat_shape = (self.batch, model["cvae"], self.patch_nums[-1], self.patch_nums[-1])
-        self.timings = None
 
     def _call(self, name, *args):
         return self.vm[name](*args, *self.params)
@@ -66,7 +65,7 @@ class CompiledVAR:
         f_hat = tvm.runtime.tensor(np.zeros(self.f_hat_shape, np.float32), self.dev)
         tokens = []
         for si in range(S):
-            logits, kv = self._call(f"scale_{si}", x, cond, self._tensor(cfg_weights(cfg, si, S)), self.kv)
+            logits, _ = self._call(f"scale_{si}", x, cond, self._tensor(cfg_weights(cfg, si, S)), self.kv)
             idx = sample_tokens(logits.numpy(), top_k, top_p, rng)
             tokens.append(idx)
             idx_t = self._tensor(idx.astype(np.int32))

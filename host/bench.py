@@ -42,9 +42,7 @@ def load_reference(model: str):
 def make_engine(name: str, var, vae, artifacts: dict):
     """A function generating one image of class c (sampling, seed s)."""
     if name == "pytorch":
-        import torch
         from compiler.sampler import generate
-        torch.set_num_threads(torch.get_num_threads())
         return lambda c, s: generate(var, vae, [c], seed=s)
     from device.runtime import CompiledVAR
     from device.sampling import make_rng

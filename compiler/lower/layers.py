@@ -24,14 +24,11 @@ class Dense(nn.Module):
             self.scheme = "w8a8"
             self.wp = param(matmul.pack_weight(linear.qweight.numpy()))
             self.sw = param(linear.scales.float())
-            b = linear.bias
         else:
             self.scheme = "fp32"
             self.wp = param(matmul.pack_weight(linear.weight.detach().float().numpy()))
-            b = linear.bias
         O = self.wp.shape[0] * self.wp.shape[2]
-        if bias is not None:
-            b = bias
+        b = bias if bias is not None else linear.bias
         self.b = param(b.float() if b is not None else torch.zeros(O))
         self.in_features, self.out_features = self.wp.shape[1], O
 
