@@ -57,8 +57,8 @@ def compile_module(mod, target_dict):
     import tvm
     from tvm import relax
     target = tvm.target.Target(target_dict)
-    with target:
-        return tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+    # the default pipeline fuses; tvm.compile's own default does not (docs/tvm-0.27-findings.md)
+    return tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
 
 
 def model_manifest(var, vae) -> dict:

@@ -29,12 +29,14 @@ ENGINES = ("pytorch", "tvm_dense", "tvm_plan")
 DEFAULT_PLAN = {"demo": "plans/demo-all.json", "d16": None}
 
 
-def load_reference(model: str):
+def load_reference(model: str, depth: int | None = None):
+    """The demo model, or an official-format d16 with seeded random values (optionally cut to
+    `depth` blocks); the same call gives the same weights, so a later build can be compared."""
     from compiler.checkpoint import build_var, build_vqvae, load_models
     if model == "demo":
         return load_models()
     from compiler.official import random_official_state_dict
-    var = build_var(random_official_state_dict("var_d16"), "var_d16 (random values)")
+    var = build_var(random_official_state_dict("var_d16", depth), "var_d16 (random values)")
     vae = build_vqvae(random_official_state_dict("vae_ch160v4096z32"), var.cfg.patch_nums, "vae (random values)")
     return var, vae
 
@@ -69,10 +71,10 @@ def peak_rss_mb(name: str, args) -> float:
     return float(r.stdout.strip().splitlines()[-1])
 
 
-def ensure_artifacts(args, var, vae, log):
+def ensure_artifacts(args, var, vae, work: Path, log):
+    """Build into `work` the artifacts not given on the command line."""
     from compiler.build import build, check_compilable
     from compiler.compress.plan import load_plan
-    work = Path(tempfile.mkdtemp(prefix="bench-artifacts-"))
     if args.dense_artifact is None:
         log("building the dense artifact")
         args.dense_artifact = build(var, vae, None, args.target, 1, work / "dense", log=log)
@@ -110,10 +112,20 @@ def main(argv=None):
         print(vm_hwm_mb())
         return
 
-    var, vae = load_reference(args.model)
     if args.images < 5:
         raise UserError(f"--images must be at least 5 for a median, got {args.images}")
-    ensure_artifacts(args, var, vae, log)
+    var, vae = load_reference(args.model)
+    with tempfile.TemporaryDirectory(prefix="bench-artifacts-") as work:
+        ensure_artifacts(args, var, vae, Path(work), log)
+        result = measure(args, var, vae, log)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    for name in ENGINES:
+        print(f"{name:10s} {result['all_median_s'][name]:.3f} s/image  peak {result['peak_mb'][name]:.0f} MB  "
+              f"({result['pytorch_s'] / result['all_median_s'][name]:.2f}x PyTorch)")
+
+
+def measure(args, var, vae, log) -> dict:
     artifacts = {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact}
     engines = {name: make_engine(name, var, vae, artifacts) for name in ENGINES}
     for name, run in engines.items():  # warm-up: first-call allocations and caches
@@ -127,18 +139,13 @@ def main(argv=None):
             log(f"image {i + 1}/{args.images} {name}: {times[name][-1]:.3f} s")
     med = {name: statistics.median(t) for name, t in times.items()}
     peak = {name: peak_rss_mb(name, args) for name in ENGINES}
-    result = {
+    return {
         "model": args.model, "target": args.target, "images": args.images, "batch": 1, "cfg": 4.0,
         "pytorch_s": med["pytorch"], "onnxruntime_s": None, "tvm_dense_s": med["tvm_dense"], "tvm_plan_s": med["tvm_plan"],
         "peak_mb": {**peak, "onnxruntime": None},
         "speedup_vs_pytorch": {"tvm_dense": med["pytorch"] / med["tvm_dense"], "tvm_plan": med["pytorch"] / med["tvm_plan"]},
-        "all_s": times, "dense_artifact": str(args.dense_artifact), "plan_artifact": str(args.plan_artifact),
+        "all_median_s": med, "all_s": times,
     }
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-    for name in ENGINES:
-        print(f"{name:10s} {med[name]:.3f} s/image  peak {peak[name]:.0f} MB  "
-              f"({med['pytorch'] / med[name]:.2f}x PyTorch)")
 
 
 if __name__ == "__main__":

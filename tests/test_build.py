@@ -129,3 +129,8 @@ def test_build_cli_errors_are_one_line(tmp_path, tiny_ckpts):
 def test_device_generate_refuses_a_missing_artifact(tmp_path):
     r = run_cli("device.generate", "--artifact", tmp_path / "nothing", "--out", tmp_path / "o")
     assert r.returncode == 2 and "not an artifact directory" in r.stderr
+
+
+def test_agree_refuses_depth_for_the_demo_model():
+    r = run_cli("host.agree", "--model", "demo", "--depth", "2")
+    assert r.returncode == 2 and "--depth applies to --model d16 only" in r.stderr

@@ -22,7 +22,6 @@ class GenerationModule(nn.Module):
         self.cfg = var.cfg
         self.var = VARGraph(var, plan)
         self.vae = VQVAEGraph(vae, var.cfg)
-        self.vae_cfg = vae.cfg
         S = len(self.cfg.patch_nums)
         for si in range(S):
             setattr(self, f"scale_{si}", functools.partial(self.var.scale, si))

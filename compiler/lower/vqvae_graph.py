@@ -119,7 +119,7 @@ class VQVAEGraph(nn.Module):
 
     def __init__(self, vae: VQVAE, cfg):
         q = vae.quantize
-        self.cfg, self.pns = cfg, cfg.patch_nums
+        self.pns = cfg.patch_nums
         self.embedding = param(q.embedding.weight.float())
         P = self.pns[-1]
         self.phis = nn.ModuleList([Conv(phi) for phi in q.quant_resi.qresi_ls])
