@@ -1,17 +1,24 @@
 """Compile a VAR checkpoint (optionally with a compression plan) into a board artifact.
 
-    python -m compiler.build --target host [--var VAR --vae VAE] [--plan plan.json] [--batch 1] --out DIR
+    python -m compiler.build --target host|jetson-orin|mali-g610|rpi5|… [--var VAR --vae VAE]
+                             [--plan plan.json] [--batch 1] --out DIR
 
-DIR holds model.so (the TVM library: embed, scale_0…scale_9, next_0…next_8, last, decode),
+Boards are described in targets/*.toml. GPU boards get the GPU variants of the kernels
+(scheduled by DLight where they are not hand-scheduled); boards of another architecture are
+cross-linked on this machine. DIR holds model.so (the TVM library: embed, scale_0…scale_9, next_0…next_8, last, decode),
 params.npz (the weights in the packed form the kernels read) and manifest.json (schema, model
 config, plan, target, TVM version, batch, sha256 of every file). The artifact is written to a
 temporary directory next to DIR and renamed at the end, so a failed build leaves nothing behind.
+The library is checked before it is kept: its ELF machine must be the board's, and a GPU
+library must embed device code that compiles (CUDA: nvcc for the board's arch, when installed).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +34,7 @@ from compiler.errors import UserError, cli
 from compiler.fileio import ensure_writable_dir
 from device.artifact import write_manifest
 from device.runtime import SCHEMA, VERSION
+import targets
 
 COMPILED_SCHEMES = ("fp32", "w8a8")
 
@@ -43,22 +51,100 @@ def check_compilable(plan, where):
         raise UserError(f"{where}: quant.default: scheme {plan.quant_default} has no compiled kernel yet")
 
 
-def lower(var, vae, plan, batch: int):
+def lower(var, vae, plan, batch: int, gpu: bool = False):
     """Reference models (+ plan) → (IRModule, ordered parameter arrays)."""
     from compiler.lower.module import GenerationModule
     from compiler.lower.params import param_arrays
     model = apply_plan(var, plan) if plan is not None else var
-    gm = GenerationModule(model, vae, plan)
+    gm = GenerationModule(model, vae, plan, gpu=gpu)
     mod, named = gm.export_tvm(spec=gm.spec(batch))
     return mod, param_arrays(named)
 
 
-def compile_module(mod, target_dict):
+def pipeline(target):
+    """Relax's default pipeline for the target (it fuses; tvm.compile's own CPU default does not),
+    with our GPU schedule rules in place of DLight's default list (schedules/gpu.py)."""
     import tvm
     from tvm import relax
-    target = tvm.target.Target(target_dict)
-    # the default pipeline fuses; tvm.compile's own default does not (docs/tvm-0.27-findings.md)
-    return tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+    if target.kind.name == "llvm":
+        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.relax.backend.gpu_generic import pipeline as generic
+    from schedules.gpu import default_schedule
+    backend = cuda if target.kind.name == "cuda" else generic
+    legalize = backend.legalize_passes(target)[:-1] + [default_schedule()]  # last: DLight's rules
+
+    @tvm.transform.module_pass(opt_level=0)
+    def gpu_pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(backend.library_dispatch_passes(target) + legalize
+                                            + backend.dataflow_lower_passes(target)
+                                            + backend.finalize_passes(target))(mod)
+    return gpu_pipeline
+
+
+def compile_module(mod, board):
+    import tvm
+    target = board.tvm_target()
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
+
+
+def check_cross_compiler(board):
+    """A board of another architecture needs its cross linker: say which Debian package has it."""
+    if board.cross and shutil.which(board.cross["compiler"]) is None:
+        raise UserError(f"--target {board.name}: cross compiler {board.cross['compiler']} not found; "
+                        f"install it with: apt-get install {board.cross['package']}")
+
+
+def export(ex, board, path: Path):
+    """Link the library (cross-linked for other architectures) and check what came out."""
+    from tvm.support import cc
+    fcompile = cc.cross_compiler(board.cross["compiler"]) if board.cross else None
+    ex.export_library(str(path), fcompile=fcompile)
+    with open(path, "rb") as f:
+        head = f.read(20)
+    machine = int.from_bytes(head[18:20], "little")
+    if head[:4] != b"\x7fELF" or machine != board.elf_machine:
+        raise UserError(f"{path}: linked for ELF machine {machine}, expected {board.elf_machine} ({board.triple})")
+
+
+def device_code(ex, board, workdir: Path, log=print) -> dict | None:
+    """Find the GPU kernels in the executable and check that they compile for the board.
+
+    TVM keeps CUDA and OpenCL kernels as source inside the library; the board's runtime compiles
+    them when the library is loaded (CUDA: NVRTC or nvcc; OpenCL: the driver)."""
+    if not board.gpu:
+        return None
+    mods, found = [ex.mod], []
+    while mods:
+        m = mods.pop()
+        if m.kind in ("cuda", "opencl"):
+            found.append(m)
+        mods.extend(m.imports)
+    if not found:
+        raise UserError(f"--target {board.name}: the compiled library holds no {board.device} kernels")
+    src = "".join(m.inspect_source("") for m in found)
+    info = {"kind": board.device, "format": "source", "kernels": len(re.findall(r"(?:__global__|__kernel) void[^;{]*\{", src)),
+            "compiled_on_load_by": "NVRTC (cuda-bindings) or nvcc" if board.device == "cuda" else "the OpenCL driver",
+            "checked_with": None}
+    if board.device == "cuda":
+        nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+        if nvcc is None:
+            log("  nvcc not found: CUDA kernels not compiled at build time (the board compiles them on load)")
+            return info
+        arch = board.target["arch"]
+        cu = workdir / "kernels.cu"
+        cu.write_text(src)
+        r = subprocess.run([nvcc, "-w", f"-arch={arch}", "-cubin", "-o", str(workdir / "kernels.cubin"), str(cu)],
+                           capture_output=True, text=True)
+        cu.unlink()
+        if r.returncode != 0:
+            raise UserError(f"--target {board.name}: the generated CUDA kernels do not compile for {arch}: "
+                            + (r.stderr.strip().splitlines() or ["?"])[-1])
+        cubin = workdir / "kernels.cubin"
+        info["checked_with"] = f"{Path(nvcc).name} -arch={arch} ({cubin.stat().st_size} bytes of {arch} code)"
+        cubin.unlink()
+    return info
 
 
 def model_manifest(var, vae) -> dict:
@@ -71,26 +157,30 @@ def model_manifest(var, vae) -> dict:
 def build(var, vae, plan, target_name: str, batch: int, out, *, plan_path=None, log=print):
     """Build an artifact into `out` (replacing an older artifact there only when done)."""
     import tvm
-    from targets import resolve
-    target_dict = resolve(target_name)
+    board = targets.load(target_name)
+    check_cross_compiler(board)
     out = Path(out)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
     ensure_writable_dir(out.parent)
     t0 = time.perf_counter()
     log(f"[1/3] lowering to Relax (batch {batch}, {len(var.cfg.patch_nums)} scales)")
-    mod, params = lower(var, vae, plan, batch)
-    log(f"[2/3] compiling for {target_name}: {json.dumps(target_dict)} ({time.perf_counter() - t0:.0f} s)")
-    ex = compile_module(mod, target_dict)
-    log(f"[3/3] writing the artifact ({time.perf_counter() - t0:.0f} s)")
+    mod, params = lower(var, vae, plan, batch, board.gpu)
+    log(f"[2/3] compiling for {board.name}: {json.dumps(board.target)}"
+        + (f" on {json.dumps(board.host)}" if board.host else "") + f" ({time.perf_counter() - t0:.0f} s)")
+    ex = compile_module(mod, board)
+    log(f"[3/3] linking{' with ' + board.cross['compiler'] if board.cross else ''} and writing the artifact "
+        f"({time.perf_counter() - t0:.0f} s)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        ex.export_library(str(tmp / "model.so"))
+        export(ex, board, tmp / "model.so")
+        gpu_code = device_code(ex, board, tmp, log)
         with open(tmp / "params.npz", "wb") as f:
             np.savez(f, **params)
         manifest = {
-            "schema": SCHEMA, "version": VERSION, "target": target_name, "tvm_target": target_dict,
-            "tvm_version": tvm.__version__, "batch": batch, "model": model_manifest(var, vae),
+            "schema": SCHEMA, "version": VERSION, "target": board.name, "device": board.device,
+            "tvm_target": board.target, "tvm_host": board.host, "triple": board.triple,
+            "device_code": gpu_code, "tvm_version": tvm.__version__, "batch": batch, "model": model_manifest(var, vae),
             "plan": plan.to_json() if plan is not None else None,
             "plan_name": str(plan_path) if plan_path else None,
             "library": "model.so", "params": "params.npz", "param_names": list(params),
@@ -111,14 +201,14 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, plan_path=None, 
 @cli
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m compiler.build", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default="host", help="board to compile for (default: host)")
+    ap.add_argument("--target", default="host",
+                    help=f"board to compile for, from targets/*.toml: {', '.join(targets.known())} (default: host)")
     add_model_args(ap)
     ap.add_argument("--plan", help="compression plan from python -m compiler.calibrate (default: dense fp32)")
     ap.add_argument("--batch", type=int, default=1, help="images per generation call (default 1)")
     ap.add_argument("--out", required=True, help="artifact directory to write")
     args = ap.parse_args(argv)
-    from targets import resolve
-    resolve(args.target)  # unknown target: fail before loading anything
+    check_cross_compiler(targets.load(args.target))  # fail before loading anything
     var, vae = load_models(args.var, args.vae)
     plan = None
     if args.plan:

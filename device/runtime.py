@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import platform
+import time
+
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine  # the runtime's VM: boards may have a runtime-only TVM
 
 from device.artifact import ArtifactError, load_manifest
 from device.sampling import sample_tokens
@@ -23,17 +27,54 @@ def cfg_weights(cfg: float, si: int, num_scales: int) -> np.ndarray:
     return np.array([1 + t, t], np.float32)
 
 
+def device_of(kind: str):
+    """The TVM device an artifact's kernels run on (manifest "device")."""
+    return {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}[kind](0)
+
+
+def load_gpu_runtime(kind: str, where) -> None:
+    """Make a runtime-only TVM able to load CUDA kernels: the wheel keeps CUDA support in a
+    sidecar library that only the compiler side loads, and the kernels travel as CUDA source
+    that tvm.support.nvcc compiles (NVRTC, or nvcc) when the library is loaded."""
+    if kind != "cuda":
+        return
+    import ctypes
+    from tvm.base import _LOADED_LIBS
+    if "tvm_runtime_cuda" not in _LOADED_LIBS:
+        lib = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+        try:
+            _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(lib), ctypes.RTLD_LOCAL)
+        except OSError as e:
+            raise ArtifactError(f"{where}: built for CUDA, but TVM's CUDA runtime does not load here ({e})") from None
+    # TVM's own compile callback asks the compiler-side Target API for the arch, which a
+    # runtime-only TVM lacks: compile for the GPU that is here instead.
+    import tvm_ffi
+    from tvm.support import nvcc
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    mode = os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc")
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def compile_for_this_gpu(code, *_):
+        fmt = "fatbin" if mode == "nvcc" else "cubin"
+        return nvcc.compile_cuda(code, target_format=fmt, arch=arch, compiler=mode)
+
+
 class CompiledVAR:
     """A loaded artifact. `generate(labels, ...)` returns (tokens B×L int64, images B×3×H×W)."""
 
-    def __init__(self, artifact_dir, device=None):
+    def __init__(self, artifact_dir, device=None, check_arch=True):
         d = Path(artifact_dir)
         self.manifest = m = load_manifest(d)  # hashes every file first
         if m.get("schema") != SCHEMA or m.get("version") != VERSION:
             raise ArtifactError(f"{d}/manifest.json: not a {SCHEMA} v{VERSION} artifact")
-        self.dev = device or tvm.cpu()
+        here = platform.machine()
+        built_for = m.get("triple", "x86_64-linux-gnu").split("-")[0]
+        if check_arch and built_for != here:
+            raise ArtifactError(f"{d}: built for {built_for} ({m.get('target')}), this machine is {here}")
+        self.dev = device or device_of(m.get("device", "cpu"))
+        load_gpu_runtime(m.get("device", "cpu"), d)
         self.lib = tvm.runtime.load_module(str(d / m["library"]))
-        self.vm = relax.VirtualMachine(self.lib, self.dev)
+        self.vm = VirtualMachine(self.lib, self.dev)
         with np.load(d / m["params"], allow_pickle=False) as arrays:
             missing = [n for n in m["param_names"] if n not in arrays]
             if missing:
@@ -47,8 +88,16 @@ class CompiledVAR:
         self.kv = [tvm.runtime.empty(kv_shape, "float32", self.dev) for _ in range(model["depth"])]
         self.f_hat_shape = (self.batch, model["cvae"], self.patch_nums[-1], self.patch_nums[-1])
 
+    timings: dict | None = None   # set to {} to record seconds per function call (device.bench)
+
     def _call(self, name, *args):
-        return self.vm[name](*args, *self.params)
+        if self.timings is None:
+            return self.vm[name](*args, *self.params)
+        t0 = time.perf_counter()
+        out = self.vm[name](*args, *self.params)
+        self.dev.sync()  # GPU calls return before the kernels finish
+        self.timings.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
 
     def _tensor(self, a):
         return tvm.runtime.tensor(np.ascontiguousarray(a), self.dev)

@@ -1,5 +1,8 @@
 """Dense layers y = x·Wᵀ + b as scheduled TIR kernels for CPUs (LLVM), fp32 and W8A8.
 
+(GPU builds express dense layers as Relax matmuls, which DLight's matmul/GEMV rules schedule;
+of this file they use only the per-token quantization, bound to GPU threads.)
+
 Weights are stored pre-packed in panels of `LANES` output channels, wp[O/LANES, K, LANES], so the
 inner loop streams one contiguous panel while a tile of `mi` rows × LANES outputs stays in
 vector registers (4×16 fp32 = 8 AVX2 registers). Panels run outermost and are split between
@@ -24,9 +27,12 @@ def row_tile(M: int) -> int:
     return next((m for m in (4, 6, 5, 3, 2) if M % m == 0), 1)
 
 
-def pack_weight(w: np.ndarray) -> np.ndarray:
-    """O×K (the checkpoint's layout) → panels O/LANES × K × LANES."""
+def pack_weight(w: np.ndarray, gpu: bool = False) -> np.ndarray:
+    """O×K (the checkpoint's layout) → panels O/LANES × K × LANES; for GPUs K×O, the layout of
+    a plain matmul, so that no transpose runs before it."""
     O, K = w.shape
+    if gpu:
+        return np.ascontiguousarray(w.T)
     if O % LANES:
         raise ValueError(f"{O} output channels are not a multiple of {LANES}")
     return np.ascontiguousarray(w.reshape(O // LANES, LANES, K).transpose(0, 2, 1))
@@ -51,6 +57,13 @@ def _schedule(func, M: int, epilogue: str):
     sch.decompose_reduction(mm, ko)
     # op_pattern 8 (opaque): FuseOps must not merge it into a neighbour and lose the schedule
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+def bind_threads(sch, loop, threads: int = 128):
+    """Spread one loop over GPU thread blocks of `threads` threads."""
+    bx, tx = sch.split(loop, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
 
 
 @lru_cache(maxsize=None)  # one parse and schedule per shape
@@ -111,7 +124,7 @@ def dense_w8a8(M: int, K: int, O: int):
 
 
 @lru_cache(maxsize=None)  # one parse and schedule per shape
-def quantize_per_token(M: int, K: int):
+def quantize_per_token(M: int, K: int, gpu: bool = False):
     """x M×K float32 → (int8 M×K, scales M×1): s = max|x|/127 (≥ 1e-12), q = nearbyint(x/s)
     clamped to ±127 — round half to even, as torch.round."""
 
@@ -138,6 +151,11 @@ def quantize_per_token(M: int, K: int):
                                                        T.float32(127)), T.float32(-127)))
 
     sch = s_tir.Schedule(quant)
-    for name in ("amax", "round"):
-        sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
+    if gpu:  # one thread per row for the maximum, one per element for the rounding
+        bind_threads(sch, sch.get_loops(sch.get_sblock("amax"))[0])
+        bind_threads(sch, sch.get_loops(sch.get_sblock("scale"))[0])
+        bind_threads(sch, sch.fuse(*sch.get_loops(sch.get_sblock("round"))))
+    else:
+        for name in ("amax", "round"):
+            sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)

@@ -1,26 +1,94 @@
-"""Board descriptions (TVM targets, cross compilers, roofline figures), one entry per board.
+"""Boards we compile for: one TOML file per board in this folder.
 
-`resolve(name)` gives the TVM target to compile for; an unknown name lists the known ones.
+Each file gives the TVM target (`[target]`, plus `[host]` for the CPU side of a GPU board), the
+device the runtime runs on (cpu, cuda or opencl), the cross compiler that links the library on
+this x86 machine (`[cross]`, with the Debian package that provides it), the default RPC key and
+the board's memory, bandwidth and peak throughput for a roofline. A file holding only
+`alias = "other"` is another name for a board. `load(name)` reads one; an unknown name lists
+the known ones.
 """
 from __future__ import annotations
 
 import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from device.errors import UserError
 
-
-def _host():
-    import tvm  # noqa: PLC0415  (only the build machine needs the compiler)
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    # Without an explicit CPU, LLVM targets generic x86-64 (SSE only): name this machine's.
-    return {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}
+HERE = Path(__file__).parent
+ELF_MACHINES = {"aarch64": 183, "x86_64": 62}   # e_machine of the library each triple gives
 
 
-KNOWN = {"host": _host}
+def known() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.toml"))
+
+
+@dataclass
+class Board:
+    name: str
+    description: str
+    device: str                       # "cpu", "cuda" or "opencl": where the kernels run
+    target: dict                      # TVM target dict of the kernels
+    host: dict | None = None          # TVM target dict of the host code (GPU boards)
+    cross: dict | None = None         # {"compiler": …, "package": …}; None: link natively
+    rpc_key: str = ""
+    roofline: dict = field(default_factory=dict)
+
+    @property
+    def gpu(self) -> bool:
+        return self.device != "cpu"
+
+    @property
+    def cpu_target(self) -> dict:
+        """The LLVM target the board's CPU code is compiled for."""
+        return self.host if self.host is not None else self.target
+
+    @property
+    def triple(self) -> str:
+        return self.cpu_target.get("mtriple", "x86_64-linux-gnu")
+
+    @property
+    def elf_machine(self) -> int:
+        return ELF_MACHINES[self.triple.split("-")[0]]
+
+    def tvm_target(self):
+        import tvm  # noqa: PLC0415  (only the build machine needs the compiler)
+        return tvm.target.Target(self.target, host=self.host) if self.host else tvm.target.Target(self.target)
+
+
+def _native(d: dict | None) -> dict | None:
+    """Fill in "native" values with this machine's (the host target)."""
+    if d is None:
+        return None
+    d = dict(d)
+    if d.get("mcpu") == "native":
+        import tvm  # noqa: PLC0415
+        # Without an explicit CPU, LLVM targets generic x86-64 (SSE only): name this machine's.
+        d["mcpu"] = str(tvm.target.codegen.llvm_get_system_cpu())
+    if d.get("num-cores") == "native":
+        d["num-cores"] = os.cpu_count() or 1
+    return d
+
+
+def load(name: str) -> Board:
+    path = HERE / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"--target {name}: unknown target; known targets: {', '.join(known())}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    if "alias" in data:
+        return load(data["alias"])
+    try:
+        return Board(name=name, description=data["description"], device=data["device"],
+                     target=_native(data["target"]), host=_native(data.get("host")), cross=data.get("cross"),
+                     rpc_key=data.get("rpc_key", name), roofline=data.get("roofline", {}))
+    except KeyError as e:
+        raise UserError(f"{path}: missing key {e.args[0]}") from None
 
 
 def resolve(name: str) -> dict:
-    """Target name → TVM target dict."""
-    if name not in KNOWN:
-        raise UserError(f"--target {name}: unknown target; known targets: {', '.join(sorted(KNOWN))}")
-    return KNOWN[name]()
+    """Target name → TVM target dict of its kernels (checks that the name is known)."""
+    return load(name).target

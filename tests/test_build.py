@@ -134,3 +134,16 @@ def test_device_generate_refuses_a_missing_artifact(tmp_path):
 def test_agree_refuses_depth_for_the_demo_model():
     r = run_cli("host.agree", "--model", "demo", "--depth", "2")
     assert r.returncode == 2 and "--depth applies to --model d16 only" in r.stderr
+
+
+def test_device_bench_times_every_function(dense_artifact, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("device.bench", "--artifact", dense_artifact, "-n", "2", "--warmup", "1", "--top-k", "1",
+                "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["images_timed"] == 4 and res["median_s_per_image"] > 0   # batch 2 × 2 generations
+    names = set(res["functions_median_ms"])
+    assert {"embed", "scale_0", "scale_3", "next_0", "last", "decode"} <= names
+    r = run_cli("device.bench", "--artifact", dense_artifact, "--class", "99")
+    assert r.returncode == 2 and "--class 99" in r.stderr

@@ -18,10 +18,10 @@ from compiler.lower.vqvae_graph import VQVAEGraph
 
 
 class GenerationModule(nn.Module):
-    def __init__(self, var, vae, plan=None):
+    def __init__(self, var, vae, plan=None, gpu: bool = False):
         self.cfg = var.cfg
-        self.var = VARGraph(var, plan)
-        self.vae = VQVAEGraph(vae, var.cfg)
+        self.var = VARGraph(var, plan, gpu)
+        self.vae = VQVAEGraph(vae, var.cfg, gpu)
         S = len(self.cfg.patch_nums)
         for si in range(S):
             setattr(self, f"scale_{si}", functools.partial(self.var.scale, si))

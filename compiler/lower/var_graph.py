@@ -49,13 +49,14 @@ def window_table(plan: Plan | None, block: int, S: int, H: int) -> np.ndarray:
 
 
 class Attention(nn.Module):
-    def __init__(self, attn, plan: Plan | None, block: int, cfg):
+    def __init__(self, attn, plan: Plan | None, block: int, cfg, gpu: bool):
+        self.gpu = gpu
         H, C = attn.heads, attn.heads * attn.head_dim
         self.heads, self.head_dim, self.C = H, attn.head_dim, C
         bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias)).float()
-        self.mat_qkv = Dense(attn.mat_qkv, bias=bias)
+        self.mat_qkv = Dense(attn.mat_qkv, bias=bias, gpu=gpu)
         self.scale_mul = param(attn.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().float())
-        self.proj = Dense(attn.proj)
+        self.proj = Dense(attn.proj, gpu=gpu)
         S = len(cfg.patch_nums)
         self.windows = param(window_table(plan, block, S, H))
         self.share = [bool(plan.asc_share[block][s]) if plan and plan.asc_share else False for s in range(S)]
@@ -74,29 +75,29 @@ class Attention(nn.Module):
         kv = op.tensor_ir_inplace_op(attn_kernels.kv_write(NB, H, n, c, L, begin), "kv_write", [kv, k, v],
                                      inplace_indices=[0], out=placeholder(kv.shape))
         share = self.mode if self.share[si] else None
-        o = op.tensor_ir_op(attn_kernels.windowed_attention(NB, H, n, c, L, S, si, share), "attention",
+        o = op.tensor_ir_op(attn_kernels.windowed_attention(NB, H, n, c, L, S, si, share, self.gpu), "attention",
                             [q, kv, self.windows, geom], placeholder([NB, H, n, c]))
         o = op.reshape(op.permute_dims(o, [0, 2, 1, 3]), [NB, n, self.C])
         return self.proj(o), kv
 
 
 class FFN(nn.Module):
-    def __init__(self, ffn):
-        self.fc1, self.fc2 = Dense(ffn.fc1), Dense(ffn.fc2)
+    def __init__(self, ffn, gpu: bool):
+        self.fc1, self.fc2 = Dense(ffn.fc1, gpu=gpu), Dense(ffn.fc2, gpu=gpu)
 
     def forward(self, x):
         return self.fc2(op.gelu(self.fc1(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    def __init__(self, block, plan, index, cfg):
+    def __init__(self, block, plan, index, cfg, gpu: bool):
         self.C, self.shared_aln = cfg.width, cfg.shared_aln
-        self.attn = Attention(block.attn, plan, index, cfg)
-        self.ffn = FFN(block.ffn)
+        self.attn = Attention(block.attn, plan, index, cfg, gpu)
+        self.ffn = FFN(block.ffn, gpu)
         if cfg.shared_aln:
             self.ada_gss = param(block.ada_gss.float())
         else:
-            self.ada_lin = Dense(block.ada_lin[1])
+            self.ada_lin = Dense(block.ada_lin[1], gpu=gpu)
 
     def forward(self, x, cond, kv, si, geom, cfg):
         C, NB = self.C, int(x.shape[0])
@@ -112,19 +113,20 @@ class Block(nn.Module):
 
 
 class VARGraph(nn.Module):
-    """All per-scale VAR functions; parameters are taken from a (plan-applied) reference VAR."""
+    """All per-scale VAR functions; parameters are taken from a (plan-applied) reference VAR.
+    `gpu` picks the GPU variants of the kernels (and their weight layout)."""
 
-    def __init__(self, var: VAR, plan: Plan | None = None):
+    def __init__(self, var: VAR, plan: Plan | None = None, gpu: bool = False):
         cfg = self.cfg = var.cfg
         self.class_emb = param(var.class_emb.weight.float())
         self.pos_start = param(var.pos_start.float())
         self.lvl_pos = param(var.lvl_pos()[0].float())             # L×C, as the reference adds it
         if cfg.shared_aln:
-            self.shared_ada_lin = Dense(var.shared_ada_lin[1])
-        self.blocks = nn.ModuleList([Block(b, plan, i, cfg) for i, b in enumerate(var.blocks)])
-        self.head_ada_lin = Dense(var.head_nm.ada_lin[1])
-        self.head = Dense(var.head)
-        self.word_embed = Dense(var.word_embed)
+            self.shared_ada_lin = Dense(var.shared_ada_lin[1], gpu=gpu)
+        self.blocks = nn.ModuleList([Block(b, plan, i, cfg, gpu) for i, b in enumerate(var.blocks)])
+        self.head_ada_lin = Dense(var.head_nm.ada_lin[1], gpu=gpu)
+        self.head = Dense(var.head, gpu=gpu)
+        self.word_embed = Dense(var.word_embed, gpu=gpu)
         ends = np.cumsum([p * p for p in cfg.patch_nums])
         self.geom = param(np.stack([ends - np.array(cfg.patch_nums) ** 2, np.array(cfg.patch_nums) ** 2], 1).astype(np.int32))
 

@@ -31,13 +31,17 @@ def _resize(h, M):
 
 
 class Conv(nn.Module):
-    def __init__(self, conv):
+    """Conv2d: stride-1 same-padded ones on the CPU through schedules/conv.py; everything else,
+    and every conv on a GPU (DLight schedules it), through Relax's conv2d."""
+
+    def __init__(self, conv, gpu: bool):
+        self.gpu = gpu
         self.weight, self.bias = param(conv.weight.float()), param(conv.bias.float())
         self.stride, self.padding = conv.stride[0], conv.padding[0]
 
     def forward(self, x):
         Co, Ci, k, _ = self.weight.shape
-        if self.stride != 1 or self.padding != k // 2:
+        if self.gpu or self.stride != 1 or self.padding != k // 2:
             return op.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
         B, _, H, W = (int(d) for d in x.shape)
         return op.tensor_ir_op(conv_kernels.conv2d(B, int(Ci), H, W, int(Co), int(k)), "conv2d",
@@ -53,10 +57,10 @@ class Norm(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, blk):
-        self.norm1, self.conv1 = Norm(blk.norm1), Conv(blk.conv1)
-        self.norm2, self.conv2 = Norm(blk.norm2), Conv(blk.conv2)
-        self.shortcut = Conv(blk.nin_shortcut) if isinstance(blk.nin_shortcut, torch.nn.Conv2d) else None
+    def __init__(self, blk, gpu: bool):
+        self.norm1, self.conv1 = Norm(blk.norm1), Conv(blk.conv1, gpu)
+        self.norm2, self.conv2 = Norm(blk.norm2), Conv(blk.conv2, gpu)
+        self.shortcut = Conv(blk.nin_shortcut, gpu) if isinstance(blk.nin_shortcut, torch.nn.Conv2d) else None
 
     def forward(self, x):
         h = self.conv1(op.silu(self.norm1(x)))
@@ -65,9 +69,9 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, blk):
+    def __init__(self, blk, gpu: bool):
         self.C = blk.C
-        self.norm, self.qkv, self.proj_out = Norm(blk.norm), Conv(blk.qkv), Conv(blk.proj_out)
+        self.norm, self.qkv, self.proj_out = Norm(blk.norm), Conv(blk.qkv, gpu), Conv(blk.proj_out, gpu)
 
     def forward(self, x):
         B, C, H, W = (int(d) for d in x.shape)
@@ -85,19 +89,19 @@ def _upsample_nearest(x):
 
 
 class Decoder(nn.Module):
-    def __init__(self, dec):
-        self.conv_in = Conv(dec.conv_in)
-        self.mid = nn.ModuleList([ResnetBlock(dec.mid.block_1), ResnetBlock(dec.mid.block_2)])
-        self.mid_attn = AttnBlock(dec.mid.attn_1) if not isinstance(dec.mid.attn_1, torch.nn.Identity) else None
+    def __init__(self, dec, gpu: bool):
+        self.conv_in = Conv(dec.conv_in, gpu)
+        self.mid = nn.ModuleList([ResnetBlock(dec.mid.block_1, gpu), ResnetBlock(dec.mid.block_2, gpu)])
+        self.mid_attn = AttnBlock(dec.mid.attn_1, gpu) if not isinstance(dec.mid.attn_1, torch.nn.Identity) else None
         levels = []
         for level in reversed(dec.up):   # coarsest first, the order they run in
             lv = nn.Module()
-            lv.blocks = nn.ModuleList([ResnetBlock(b) for b in level.block])
-            lv.attns = nn.ModuleList([AttnBlock(a) for a in level.attn])
-            lv.upsample = Conv(level.upsample.conv) if hasattr(level, "upsample") else None
+            lv.blocks = nn.ModuleList([ResnetBlock(b, gpu) for b in level.block])
+            lv.attns = nn.ModuleList([AttnBlock(a, gpu) for a in level.attn])
+            lv.upsample = Conv(level.upsample.conv, gpu) if hasattr(level, "upsample") else None
             levels.append(lv)
         self.levels = nn.ModuleList(levels)
-        self.norm_out, self.conv_out = Norm(dec.norm_out), Conv(dec.conv_out)
+        self.norm_out, self.conv_out = Norm(dec.norm_out), Conv(dec.conv_out, gpu)
 
     def forward(self, z):
         h = self.mid[0](self.conv_in(z))
@@ -117,18 +121,18 @@ class Decoder(nn.Module):
 class VQVAEGraph(nn.Module):
     """f̂ updates and the decoder."""
 
-    def __init__(self, vae: VQVAE, cfg):
+    def __init__(self, vae: VQVAE, cfg, gpu: bool = False):
         q = vae.quantize
         self.pns = cfg.patch_nums
         self.embedding = param(q.embedding.weight.float())
         P = self.pns[-1]
-        self.phis = nn.ModuleList([Conv(phi) for phi in q.quant_resi.qresi_ls])
+        self.phis = nn.ModuleList([Conv(phi, gpu) for phi in q.quant_resi.qresi_ls])
         self.phi_index = [q.quant_resi.index(si / (len(self.pns) - 1)) for si in range(len(self.pns))]
         self.phi_ratio = [phi.ratio for phi in q.quant_resi.qresi_ls]
         self.up = nn.ModuleList([_Matrix(interpolation_matrix(pn, P, "bicubic")) for pn in self.pns[:-1]])
         self.down = nn.ModuleList([_Matrix(interpolation_matrix(P, pn, "area")) for pn in self.pns[1:]])
-        self.post_quant_conv = Conv(vae.post_quant_conv)
-        self.decoder = Decoder(vae.decoder)
+        self.post_quant_conv = Conv(vae.post_quant_conv, gpu)
+        self.decoder = Decoder(vae.decoder, gpu)
 
     def update(self, si: int, idx, f_hat):
         B, n = int(idx.shape[0]), int(idx.shape[1])

@@ -1,0 +1,80 @@
+"""Boards: every target file loads, and builds for other boards are cross-linked and checked
+(ELF machine, embedded GPU code that compiles for the board's arch)."""
+import json
+import shutil
+
+import pytest
+
+import targets
+from compiler.build import build, check_cross_compiler
+from conftest import tiny_models
+from device.artifact import ArtifactError
+from device.errors import UserError
+from device.runtime import CompiledVAR
+from test_build import tiny_plan
+
+needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                                 reason="g++-aarch64-linux-gnu is not installed")
+
+
+def elf_machine(path) -> int:
+    return int.from_bytes(path.read_bytes()[18:20], "little")
+
+
+@pytest.mark.parametrize("name", targets.known())
+def test_every_target_file_loads(name):
+    b = targets.load(name)
+    assert b.device in ("cpu", "cuda", "opencl") and b.target["kind"] in ("llvm", "cuda", "opencl")
+    assert b.gpu == (b.host is not None)          # GPU boards name the CPU their host code runs on
+    assert b.cross is None or b.cross["package"]  # a cross compiler comes with its Debian package
+    b.tvm_target()                                # TVM accepts the target dicts
+
+
+def test_jetson_orin_is_an_orin_with_the_right_cpu():
+    b = targets.load("jetson-orin")
+    assert b.target["arch"] == "sm_87" and b.host["mcpu"] == "cortex-a78ae" and b.triple.startswith("aarch64")
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(UserError, match="unknown target.*jetson-orin.*rpi5"):
+        targets.load("jetson-nowhere")
+
+
+def test_missing_cross_compiler_names_the_package():
+    b = targets.load("rpi5")
+    b.cross = {"compiler": "no-such-g++", "package": "g++-aarch64-linux-gnu"}
+    with pytest.raises(UserError, match="no-such-g\\+\\+ not found.*apt-get install g\\+\\+-aarch64-linux-gnu"):
+        check_cross_compiler(b)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_models()
+
+
+@needs_cross
+def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
+    var, vae = tiny
+    art = build(var, vae, tiny_plan(var), "jetson-orin", 1, tmp_path / "orin", log=lambda s: None)
+    m = json.loads((art / "manifest.json").read_text())
+    assert elf_machine(art / "model.so") == 183                   # EM_AARCH64
+    code = m["device_code"]
+    assert m["device"] == "cuda" and code["kind"] == "cuda" and code["kernels"] > 10
+    if shutil.which("nvcc") or (shutil.os.path.exists("/usr/local/cuda/bin/nvcc")):
+        assert "sm_87" in code["checked_with"]                     # nvcc compiled every kernel for Orin
+    # the artifact says what it is built for, and this x86 machine refuses to load it
+    with pytest.raises(ArtifactError, match="built for aarch64"):
+        CompiledVAR(art)
+
+
+@needs_cross
+@pytest.mark.parametrize("name,device", [("mali-g610", "opencl"), ("rpi5", "cpu")])
+def test_arm_builds_are_aarch64(tiny, tmp_path, name, device):
+    var, vae = tiny
+    art = build(var, vae, None, name, 1, tmp_path / name, log=lambda s: None)
+    m = json.loads((art / "manifest.json").read_text())
+    assert elf_machine(art / "model.so") == 183 and m["device"] == device
+    if device == "opencl":
+        assert m["device_code"]["kind"] == "opencl" and m["device_code"]["kernels"] > 10
+    else:
+        assert m["device_code"] is None
