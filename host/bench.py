@@ -1,14 +1,14 @@
 """Per-image generation time and peak memory of each engine, measured side by side in one run.
 
     python -m host.bench --target host [--model demo|d16] [--plan plans/demo-all.json] \\
-        [--images 5] [--dense-artifact DIR --plan-artifact DIR] --out bench.json
+        [--images 5] [--dense-artifact DIR --plan-artifact DIR --onnx DIR] --out bench.json
 
-Engines: the PyTorch eager reference (fp32), the compiled dense build and the compiled plan
-build; batch 1, CFG, ten scales, decoder included, top-k 900 / top-p 0.95 sampling. Images are
+Engines: the PyTorch eager reference (fp32), ONNX Runtime on the exported graphs
+(compiler.export_onnx), the compiled dense build and the compiled plan build; batch 1, CFG, ten scales, decoder included, top-k 900 / top-p 0.95 sampling. Images are
 interleaved (engine A, B, C, A, B, C, …) so that load on this shared machine hits every engine
 alike; the median is reported. Peak memory is the resident-set high-water mark of a separate
-process per engine that loads it and generates one image. Artifacts are built when not given.
-`onnxruntime_s` is null until the ONNX export lands (see the README).
+process per engine that loads it and generates one image. Artifacts and the ONNX export are
+made when not given.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
 
-ENGINES = ("pytorch", "tvm_dense", "tvm_plan")
+ENGINES = ("pytorch", "onnxruntime", "tvm_dense", "tvm_plan")
 DEFAULT_PLAN = {"demo": "plans/demo-all.json", "d16": None}
 
 
@@ -46,8 +46,12 @@ def make_engine(name: str, var, vae, artifacts: dict):
     if name == "pytorch":
         from compiler.sampler import generate
         return lambda c, s: generate(var, vae, [c], seed=s)
-    from device.runtime import CompiledVAR
     from device.sampling import make_rng
+    if name == "onnxruntime":
+        from host.onnx_engine import OnnxVAR
+        model = OnnxVAR(artifacts[name])
+        return lambda c, s: model.generate([c], rng=make_rng(s))
+    from device.runtime import CompiledVAR
     model = CompiledVAR(artifacts[name])
     return lambda c, s: model.generate([c], rng=make_rng(s))
 
@@ -64,7 +68,8 @@ def vm_hwm_mb() -> float:
 def peak_rss_mb(name: str, args) -> float:
     """Run one image of `name` in a fresh process and return its resident high-water mark."""
     cmd = [sys.executable, "-m", "host.bench", "--model", args.model, "--memory-of", name,
-           "--dense-artifact", str(args.dense_artifact), "--plan-artifact", str(args.plan_artifact), "--out", "-"]
+           "--dense-artifact", str(args.dense_artifact), "--plan-artifact", str(args.plan_artifact),
+           "--onnx", str(args.onnx), "--out", "-"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if r.returncode:
         raise UserError(f"memory run of {name} failed: {r.stderr.strip().splitlines()[-1:]}")
@@ -75,6 +80,10 @@ def ensure_artifacts(args, var, vae, work: Path, log):
     """Build into `work` the artifacts not given on the command line."""
     from compiler.build import build, check_compilable
     from compiler.compress.plan import load_plan
+    from compiler.export_onnx import export
+    if args.onnx is None:
+        log("exporting the ONNX graphs")
+        args.onnx = export(var, vae, 1, work / "onnx", log=log)
     if args.dense_artifact is None:
         log("building the dense artifact")
         args.dense_artifact = build(var, vae, None, args.target, 1, work / "dense", log=log)
@@ -98,17 +107,19 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=5, help="images per engine (median reported; at least 5)")
     ap.add_argument("--dense-artifact", type=Path, help="reuse a dense build of the same model")
     ap.add_argument("--plan-artifact", type=Path, help="reuse a plan build of the same model")
+    ap.add_argument("--onnx", type=Path, help="reuse an ONNX export of the same model (compiler.export_onnx)")
     ap.add_argument("--memory-of", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True, help="bench.json to write")
     args = ap.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.memory_of:  # child process: one image, then report the high-water mark
-        if args.memory_of != "pytorch":  # a board process: no PyTorch, no reference model
+        if args.memory_of.startswith("tvm"):  # a board process: no PyTorch, no reference model
             sys.modules["torch"] = None
             var = vae = None
         else:
             var, vae = load_reference(args.model)
-        make_engine(args.memory_of, var, vae, {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact})(3, 0)
+        make_engine(args.memory_of, var, vae, {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact,
+                                               "onnxruntime": args.onnx})(3, 0)
         print(vm_hwm_mb())
         return
 
@@ -126,7 +137,7 @@ def main(argv=None):
 
 
 def measure(args, var, vae, log) -> dict:
-    artifacts = {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact}
+    artifacts = {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact, "onnxruntime": args.onnx}
     engines = {name: make_engine(name, var, vae, artifacts) for name in ENGINES}
     for name, run in engines.items():  # warm-up: first-call allocations and caches
         run(0, 0)
@@ -141,9 +152,10 @@ def measure(args, var, vae, log) -> dict:
     peak = {name: peak_rss_mb(name, args) for name in ENGINES}
     return {
         "model": args.model, "target": args.target, "images": args.images, "batch": 1, "cfg": 4.0,
-        "pytorch_s": med["pytorch"], "onnxruntime_s": None, "tvm_dense_s": med["tvm_dense"], "tvm_plan_s": med["tvm_plan"],
-        "peak_mb": {**peak, "onnxruntime": None},
-        "speedup_vs_pytorch": {"tvm_dense": med["pytorch"] / med["tvm_dense"], "tvm_plan": med["pytorch"] / med["tvm_plan"]},
+        "pytorch_s": med["pytorch"], "onnxruntime_s": med["onnxruntime"], "tvm_dense_s": med["tvm_dense"],
+        "tvm_plan_s": med["tvm_plan"], "peak_mb": peak,
+        "speedup_vs_pytorch": {n: med["pytorch"] / med[n] for n in ENGINES if n != "pytorch"},
+        "tvm_dense_vs_onnxruntime": med["onnxruntime"] / med["tvm_dense"],
         "all_median_s": med, "all_s": times,
     }
 
