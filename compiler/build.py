@@ -63,24 +63,29 @@ def lower(var, vae, plan, batch: int, gpu: bool = False):
 
 def pipeline(target):
     """Relax's default pipeline for the target (it fuses; tvm.compile's own CPU default does not),
-    with our GPU schedule rules in place of DLight's default list (schedules/gpu.py)."""
+    with our schedule rules for every kernel not scheduled by hand: DLight's GPU rules with one
+    change (schedules/gpu.py), or parallel CPU loops (schedules/cpu.py)."""
     import tvm
-    from tvm import relax
-    if target.kind.name == "llvm":
-        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.relax.backend.gpu_generic import pipeline as generic
-    from schedules.gpu import default_schedule
-    backend = cuda if target.kind.name == "cuda" else generic
-    legalize = backend.legalize_passes(target)[:-1] + [default_schedule()]  # last: DLight's rules
+    from schedules import cpu as cpu_rules
+    from schedules import gpu as gpu_rules
+    kind = target.kind.name
+    backend = {"llvm": cpu, "cuda": cuda}.get(kind, generic)
+    legalize = backend.legalize_passes(target)
+    if kind == "llvm":
+        legalize = legalize + [cpu_rules.default_schedule()]
+    else:
+        legalize = legalize[:-1] + [gpu_rules.default_schedule()]   # in place of DLight's default list
 
     @tvm.transform.module_pass(opt_level=0)
-    def gpu_pipeline(mod, _ctx):
+    def build_pipeline(mod, _ctx):
         with target:
             return tvm.transform.Sequential(backend.library_dispatch_passes(target) + legalize
                                             + backend.dataflow_lower_passes(target)
                                             + backend.finalize_passes(target))(mod)
-    return gpu_pipeline
+    return build_pipeline
 
 
 def compile_module(mod, board):

@@ -18,7 +18,7 @@ from tvm.runtime.vm import VirtualMachine  # the runtime's VM: boards may have a
 from device.artifact import ArtifactError, load_manifest
 from device.sampling import sample_tokens
 
-SCHEMA, VERSION = "litevar-artifact", 1
+SCHEMA, VERSION = "litevar-artifact", 2   # 2: caches as separate arguments, not returned
 
 
 def cfg_weights(cfg: float, si: int, num_scales: int) -> np.ndarray:
@@ -60,20 +60,30 @@ def load_gpu_runtime(kind: str, where) -> None:
 
 
 class CompiledVAR:
-    """A loaded artifact. `generate(labels, ...)` returns (tokens B×L int64, images B×3×H×W)."""
+    """A loaded artifact. `generate(labels, ...)` returns (tokens B×L int64, images B×3×H×W).
 
-    def __init__(self, artifact_dir, device=None, check_arch=True):
+    With `session` (a TVM RPC session to a board) the library is uploaded and run there; the
+    loop and the sampling stay here, as in TVM's own RPC workflows."""
+
+    def __init__(self, artifact_dir, device=None, check_arch=True, session=None):
         d = Path(artifact_dir)
         self.manifest = m = load_manifest(d)  # hashes every file first
         if m.get("schema") != SCHEMA or m.get("version") != VERSION:
-            raise ArtifactError(f"{d}/manifest.json: not a {SCHEMA} v{VERSION} artifact")
-        here = platform.machine()
-        built_for = m.get("triple", "x86_64-linux-gnu").split("-")[0]
-        if check_arch and built_for != here:
-            raise ArtifactError(f"{d}: built for {built_for} ({m.get('target')}), this machine is {here}")
-        self.dev = device or device_of(m.get("device", "cpu"))
-        load_gpu_runtime(m.get("device", "cpu"), d)
-        self.lib = tvm.runtime.load_module(str(d / m["library"]))
+            raise ArtifactError(f"{d}/manifest.json: not a {SCHEMA} v{VERSION} artifact (rebuild it)")
+        kind = m.get("device", "cpu")
+        self.remote = session is not None
+        if self.remote:
+            session.upload(str(d / m["library"]), m["library"])
+            self.lib = session.load_module(m["library"])
+            self.dev = {"cpu": session.cpu, "cuda": session.cuda, "opencl": session.cl}[kind](0)
+        else:
+            here = platform.machine()
+            built_for = m.get("triple", "x86_64-linux-gnu").split("-")[0]
+            if check_arch and built_for != here:
+                raise ArtifactError(f"{d}: built for {built_for} ({m.get('target')}), this machine is {here}")
+            self.dev = device or device_of(kind)
+            load_gpu_runtime(kind, d)
+            self.lib = tvm.runtime.load_module(str(d / m["library"]))
         self.vm = VirtualMachine(self.lib, self.dev)
         with np.load(d / m["params"], allow_pickle=False) as arrays:
             missing = [n for n in m["param_names"] if n not in arrays]
@@ -90,11 +100,19 @@ class CompiledVAR:
 
     timings: dict | None = None   # set to {} to record seconds per function call (device.bench)
 
+    def _invoke(self, name, *args):
+        if not self.remote:
+            return self.vm[name](*args, *self.params)
+        # over RPC a function's tuple result does not come back from a plain call
+        self.vm.set_input(name, *args, *self.params)
+        self.vm.invoke_stateful(name)
+        return self.vm.get_outputs(name)
+
     def _call(self, name, *args):
         if self.timings is None:
-            return self.vm[name](*args, *self.params)
+            return self._invoke(name, *args)
         t0 = time.perf_counter()
-        out = self.vm[name](*args, *self.params)
+        out = self._invoke(name, *args)
         self.dev.sync()  # GPU calls return before the kernels finish
         self.timings.setdefault(name, []).append(time.perf_counter() - t0)
         return out
@@ -114,7 +132,7 @@ class CompiledVAR:
         f_hat = tvm.runtime.tensor(np.zeros(self.f_hat_shape, np.float32), self.dev)
         tokens = []
         for si in range(S):
-            logits, _ = self._call(f"scale_{si}", x, cond, self._tensor(cfg_weights(cfg, si, S)), self.kv)
+            logits = self._call(f"scale_{si}", x, cond, self._tensor(cfg_weights(cfg, si, S)), *self.kv)
             idx = sample_tokens(logits.numpy(), top_k, top_p, rng)
             tokens.append(idx)
             idx_t = self._tensor(idx.astype(np.int32))

@@ -37,12 +37,32 @@ def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 0.0) -> np.
     return out
 
 
+def keep_mask(logits: np.ndarray, top_k: int = 0, top_p: float = 0.0) -> np.ndarray:
+    """The entries filter_logits keeps, found by value thresholds instead of index sorts: the
+    k-th largest value (np.partition), then the smallest value inside the top-p nucleus (one
+    np.sort of values). Several times faster in numpy; equal to filter_logits but for exact
+    ties at a threshold value."""
+    V = logits.shape[-1]
+    keep = np.ones(logits.shape, bool)
+    if 0 < top_k < V:
+        keep = logits >= np.partition(logits, V - top_k, axis=-1)[..., V - top_k:V - top_k + 1]
+    if top_p > 0:
+        vals = np.sort(np.where(keep, logits, -np.inf), axis=-1)          # ascending
+        p = np.exp(vals - vals[..., -1:])
+        cdf = np.cumsum(p, axis=-1, dtype=np.float64)
+        dropped = (cdf <= (1 - top_p) * cdf[..., -1:]).sum(axis=-1, keepdims=True)
+        dropped = np.minimum(dropped, V - 1)                               # keep the most likely
+        keep &= logits >= np.take_along_axis(vals, dropped, axis=-1)
+    return keep
+
+
 def sample_tokens(logits: np.ndarray, top_k: int, top_p: float, rng: np.random.Generator) -> np.ndarray:
     """logits B×l×V → token ids B×l (int64). top_k 1 is greedy and draws no random number."""
     if top_k == 1:
         return logits.argmax(axis=-1).astype(np.int64)
-    probs = _softmax(filter_logits(logits, top_k, top_p).astype(np.float64))
-    cdf = np.cumsum(probs, axis=-1)
+    keep = keep_mask(logits, top_k, top_p)
+    p = np.where(keep, np.exp(logits - logits.max(axis=-1, keepdims=True)), 0)
+    cdf = np.cumsum(p, axis=-1, dtype=np.float64)
     u = rng.random(cdf.shape[:-1])[..., None] * cdf[..., -1:]
     idx = (cdf <= u).sum(axis=-1)  # first index whose cumulative probability exceeds u
     return np.minimum(idx, logits.shape[-1] - 1).astype(np.int64)

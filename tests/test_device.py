@@ -10,7 +10,7 @@ import torch
 
 from compiler.sampler import filter_top_k_top_p
 from device.artifact import ArtifactError, load_manifest, write_manifest
-from device.sampling import filter_logits, make_rng, sample_tokens
+from device.sampling import filter_logits, keep_mask, make_rng, sample_tokens
 from tests.conftest import ROOT
 
 
@@ -29,6 +29,7 @@ def test_filtering_matches_the_reference_sampler(top_k, top_p):
     ref = torch.isfinite(filter_top_k_top_p(logits, top_k, top_p)).numpy()
     ours = np.isfinite(filter_logits(logits.numpy(), top_k, top_p))
     assert np.array_equal(ref, ours)
+    assert np.array_equal(ref, keep_mask(logits.numpy(), top_k, top_p))   # what sample_tokens uses
 
 
 def test_greedy_is_argmax_and_sampling_follows_the_distribution():
@@ -43,6 +44,19 @@ def test_greedy_is_argmax_and_sampling_follows_the_distribution():
     # same seed, same tokens
     a = sample_tokens(np.repeat(logits, 50, axis=1), 0, 0.9, make_rng(5))
     assert np.array_equal(a, sample_tokens(np.repeat(logits, 50, axis=1), 0, 0.9, make_rng(5)))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(7, 0.0), (7, 0.8), (40, 0.95)])
+def test_top_k_sampling_draws_from_the_filtered_distribution(top_k, top_p):
+    """sample_tokens selects the k candidates first: its draws follow softmax(filter_logits)."""
+    logits = np.random.default_rng(2).standard_normal((1, 1, 50)).astype(np.float32) * 2
+    f = filter_logits(logits, top_k, top_p)[0, 0].astype(np.float64)
+    want = np.exp(f - f.max())
+    want /= want.sum()
+    draws = sample_tokens(np.repeat(logits, 40000, axis=1), top_k, top_p, make_rng(0)).ravel()
+    freq = np.bincount(draws, minlength=50) / len(draws)
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(want))
+    assert np.abs(freq - want).max() < 0.01
 
 
 def test_artifact_checksums(tmp_path):

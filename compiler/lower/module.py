@@ -1,14 +1,18 @@
 """The exported module: every function the board calls, with fully static shapes for batch B.
 
     embed(labels 2B int32)               → (cond, x₀)
-    scale_<s>(x, cond, tw, kv)           → (guided logits B×n×V, kv)     s = 0 … S−1
+    scale_<s>(x, cond, tw, kv_0 … kv_D−1) → guided logits B×n×V          s = 0 … S−1
     next_<s>(idx B×n int32, f_hat)       → (f_hat, x of scale s+1)       s = 0 … S−2
     last(idx B×n int32, f_hat)           → f_hat
     decode(f_hat)                        → images B×3×H×W in [0, 1]
+
+The caches are separate tensor arguments (not one tuple) and are updated in place, not
+returned: TVM's RPC cannot pass a tuple, and a board driven over RPC runs the same functions.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import spec
@@ -24,9 +28,19 @@ class GenerationModule(nn.Module):
         self.vae = VQVAEGraph(vae, var.cfg, gpu)
         S = len(self.cfg.patch_nums)
         for si in range(S):
-            setattr(self, f"scale_{si}", functools.partial(self.var.scale, si))
+            setattr(self, f"scale_{si}", self._scale_function(si))
         for si in range(S - 1):
             setattr(self, f"next_{si}", functools.partial(self._next, si))
+
+    def _scale_function(self, si):
+        """scale_<si>(x, cond, tw, kv_0, …, kv_{D−1}) with those parameter names (nn's export
+        names the function's inputs after them)."""
+        def scale(x, cond, tw, *kv):
+            return self.var.scale(si, x, cond, tw, kv)[0]
+        names = ["x", "cond", "tw"] + [f"kv_{d}" for d in range(self.cfg.depth)]
+        scale.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        return scale
 
     def embed(self, labels):
         return self.var.embed(labels)
@@ -45,13 +59,13 @@ class GenerationModule(nn.Module):
         cfg, B = self.cfg, batch
         NB, C, P = 2 * B, cfg.width, cfg.patch_nums[-1]
         f32 = "float32"
-        kv = [spec.Tensor([2, NB, cfg.heads, cfg.seq_len, cfg.head_dim], f32) for _ in range(cfg.depth)]
+        kv = {f"kv_{d}": spec.Tensor([2, NB, cfg.heads, cfg.seq_len, cfg.head_dim], f32) for d in range(cfg.depth)}
         f_hat = spec.Tensor([B, cfg.cvae, P, P], f32)
         plain = {"$": {"param_mode": "plain", "effect_mode": "none"}}
         out = {"embed": {"labels": spec.Tensor([NB], "int32"), **plain}}
         for si, pn in enumerate(cfg.patch_nums):
             out[f"scale_{si}"] = {"x": spec.Tensor([NB, pn * pn, C], f32), "cond": spec.Tensor([NB, C], f32),
-                                  "tw": spec.Tensor([2], f32), "kv": kv, **plain}
+                                  "tw": spec.Tensor([2], f32), **kv, **plain}
             idx = spec.Tensor([B, pn * pn], "int32")
             name = f"next_{si}" if si < len(cfg.patch_nums) - 1 else "last"
             out[name] = {"idx": idx, "f_hat": f_hat, **plain}

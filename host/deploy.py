@@ -1,0 +1,160 @@
+"""Deploy an artifact to a board over TVM RPC, run one greedy generation there, check its tokens.
+
+    python -m host.deploy --artifact DIR (--rpc HOST:PORT | --tracker HOST:PORT [--key KEY])
+                          [--class 3 7] [--cfg 4] [--expect samples.npz] [--timeout 60] [--out DIR]
+
+The board runs TVM's own server (`python -m tvm.exec.rpc_server`, optionally registered with a
+tracker under a key); the library is uploaded and loaded there, the weights are sent once, and
+this machine drives the per-scale loop. The board's greedy tokens are compared with --expect
+(a samples.npz of `device.generate --top-k 1` or `compiler.sample --top-k 1` on this machine),
+or, when the artifact runs here too, with a local run. Through a tracker, the key names the
+board (targets/*.toml `rpc_key`; default: the artifact's target), and an artifact built for
+another architecture than that board's is refused before anything is uploaded. Every wait is
+bounded by --timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import targets
+from device.artifact import load_manifest
+from device.cliargs import labels_from_args
+from device.errors import UserError, cli
+from device.fileio import atomic_path
+
+
+def parse_addr(text: str, option: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{option} {text}: expected HOST:PORT")
+    return host, int(port)
+
+
+def reachable(host: str, port: int, timeout: float, what: str) -> None:
+    """Fail fast, with a clear message, when nothing listens (RPC's own connect can hang)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"{what} {host}:{port} is not reachable ({e.strerror or e})") from None
+
+
+def board_for_key(key: str):
+    for name in targets.known():
+        b = targets.load(name)
+        if b.rpc_key == key:
+            return b
+    return None
+
+
+def connect(args, manifest):
+    """An RPC session to the board, directly or through a tracker (bounded waits)."""
+    from tvm import rpc
+    if args.rpc:
+        host, port = parse_addr(args.rpc, "--rpc")
+        reachable(host, port, args.timeout, "RPC server")
+        try:
+            return rpc.connect(host, port, session_timeout=args.timeout * 10)
+        except Exception as e:  # noqa: BLE001  (TVM raises plain errors with long traces)
+            raise UserError(f"--rpc {args.rpc}: {str(e).strip().splitlines()[-1]}") from None
+    host, port = parse_addr(args.tracker, "--tracker")
+    key = args.key or targets.load(manifest["target"]).rpc_key
+    board = board_for_key(key)
+    if board is not None and board.triple.split("-")[0] != manifest.get("triple", "x86_64").split("-")[0]:
+        raise UserError(f"{args.artifact}: built for {manifest.get('triple')}, but key '{key}' is a "
+                        f"{board.name} ({board.triple}); not uploading")
+    reachable(host, port, args.timeout, "RPC tracker")
+    tracker = rpc.connect_tracker(host, port)
+    # request() waits for a free board without limit: wait in a thread, give up at --timeout
+    box = {}
+
+    def request():
+        try:
+            box["session"] = tracker.request(key, priority=1, session_timeout=args.timeout * 10)
+        except Exception as e:  # noqa: BLE001
+            box["error"] = e
+    waiter = threading.Thread(target=request, daemon=True)
+    waiter.start()
+    waiter.join(args.timeout)
+    if "session" in box:
+        return box["session"]
+    why = str(box["error"]).strip().splitlines()[-1][:120] if "error" in box else "all busy or none registered"
+    raise UserError(f"--tracker {args.tracker}: no board with key '{key}' became free within "
+                    f"{args.timeout:.0f} s ({why})")
+
+
+def expected_tokens(args, manifest, labels, cfg):
+    if args.expect:
+        with np.load(args.expect, allow_pickle=False) as f:
+            if list(f["labels"]) != labels:
+                raise UserError(f"--expect {args.expect}: made for classes {list(f['labels'])}, not {labels}")
+            return f["tokens"], str(args.expect)
+    if manifest.get("triple", "x86_64").split("-")[0] == platform.machine() and manifest.get("device", "cpu") == "cpu":
+        from device.runtime import CompiledVAR
+        toks = [CompiledVAR(args.artifact).generate([c], cfg=cfg, top_k=1, top_p=0.0)[0] for c in labels]
+        return np.concatenate(toks), "the same artifact run on this machine"
+    return None, None
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m host.deploy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--artifact", required=True, type=Path, help="directory written by compiler.build")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--rpc", help="HOST:PORT of the board's rpc_server")
+    where.add_argument("--tracker", help="HOST:PORT of an RPC tracker")
+    ap.add_argument("--key", help="tracker key of the board (default: the artifact target's rpc_key)")
+    ap.add_argument("--class", dest="classes", type=int, nargs="+", default=[3], metavar="C")
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--expect", type=Path, help="samples.npz with the host's greedy tokens for these classes")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds any wait may take (default 60)")
+    ap.add_argument("--out", type=Path, help="write the board's samples and deploy.json here")
+    args = ap.parse_args(argv)
+    args.per_class, args.top_k, args.top_p = 1, 1, 0.0   # one greedy image per class
+    manifest = load_manifest(args.artifact)   # a tampered artifact is refused before connecting
+    labels = labels_from_args(args, manifest["model"]["num_classes"])
+    want, source = expected_tokens(args, manifest, labels, args.cfg)
+
+    from device.runtime import CompiledVAR
+    t0 = time.perf_counter()
+    session = connect(args, manifest)
+    print(f"connected in {time.perf_counter() - t0:.1f} s; uploading {args.artifact}", file=sys.stderr, flush=True)
+    try:
+        model = CompiledVAR(args.artifact, session=session)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{args.artifact}: the board could not load it: {str(e).strip().splitlines()[-1]}") from None
+    toks, imgs, secs = [], [], []
+    for c in labels:
+        t1 = time.perf_counter()
+        t, im = model.generate([c], cfg=args.cfg, top_k=1, top_p=0.0)
+        secs.append(time.perf_counter() - t1)
+        toks.append(t)
+        imgs.append(im)
+    toks, imgs = np.concatenate(toks), np.concatenate(imgs)
+    result = {"artifact": str(args.artifact), "target": manifest["target"], "labels": labels,
+              "seconds_per_image": float(np.median(secs)), "compared_with": source,
+              "token_agreement": None if want is None else float((toks == want).mean())}
+    if args.out:
+        from device.output import save_samples
+        save_samples(args.out, labels, toks, imgs, {"deployed": result}, cols=len(labels))
+        with atomic_path(args.out / "deploy.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+    print(f"board: {len(labels)} greedy images, {result['seconds_per_image']:.2f} s/image")
+    if want is None:
+        print("no reference tokens (give --expect to compare)")
+        return
+    print(f"tokens vs {source}: {result['token_agreement'] * 100:.2f} % equal")
+    if result["token_agreement"] != 1.0:
+        raise UserError(f"the board's greedy tokens differ from {source}")
+
+
+if __name__ == "__main__":
+    main()

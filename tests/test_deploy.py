@@ -1,0 +1,77 @@
+"""host.deploy against TVM's own RPC server and tracker on loopback: same greedy tokens on the
+'board', and bounded, one-line failures."""
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from compiler.build import build
+from conftest import ROOT, run_cli, tiny_models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(*args, port):
+    """Start a TVM RPC process on loopback and wait until it accepts connections."""
+    p = subprocess.Popen([sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port),
+                          "--port-end", str(port + 1)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return p
+        except OSError:
+            time.sleep(0.3)
+    p.kill()
+    raise RuntimeError(f"{args[0]} did not start")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    var, vae = tiny_models()
+    return build(var, vae, None, "host", 1, tmp_path_factory.mktemp("d") / "art", log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def rpc_server():
+    port = free_port()
+    p = serve("tvm.exec.rpc_server", port=port)
+    yield port
+    p.kill()
+
+
+def test_deploy_over_rpc_gives_the_local_tokens(artifact, rpc_server, tmp_path):
+    r = run_cli("host.deploy", "--artifact", artifact, "--rpc", f"127.0.0.1:{rpc_server}", "--class", "0", "3",
+                "--out", tmp_path / "board", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "100.00 % equal" in r.stdout
+    assert (tmp_path / "board" / "deploy.json").is_file() and (tmp_path / "board" / "grid.png").is_file()
+
+
+def test_refused_connection_is_a_quick_one_line_error(artifact):
+    t0 = time.time()
+    r = run_cli("host.deploy", "--artifact", artifact, "--rpc", f"127.0.0.1:{free_port()}", "--timeout", "3")
+    assert r.returncode == 2 and "not reachable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert time.time() - t0 < 60
+
+
+def test_tracker_without_a_free_board_gives_up_in_bounded_time(artifact):
+    port = free_port()
+    tracker = serve("tvm.exec.rpc_tracker", port=port)
+    try:
+        t0 = time.time()
+        r = run_cli("host.deploy", "--artifact", artifact, "--tracker", f"127.0.0.1:{port}", "--key", "nobody",
+                    "--timeout", "3")
+        assert r.returncode == 2 and "no board with key 'nobody'" in r.stderr
+        assert time.time() - t0 < 90
+        # an x86 artifact is refused for an ARM board's key before anything is uploaded
+        r = run_cli("host.deploy", "--artifact", artifact, "--tracker", f"127.0.0.1:{port}", "--key", "rpi5")
+        assert r.returncode == 2 and "not uploading" in r.stderr and "rpi5" in r.stderr
+    finally:
+        tracker.kill()
