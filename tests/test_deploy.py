@@ -1,5 +1,7 @@
 """host.deploy against TVM's own RPC server and tracker on loopback: same greedy tokens on the
 'board', and bounded, one-line failures."""
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +22,8 @@ def free_port() -> int:
 def serve(*args, port):
     """Start a TVM RPC process on loopback and wait until it accepts connections."""
     p = subprocess.Popen([sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port),
-                          "--port-end", str(port + 1)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          "--port-end", str(port + 1)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)   # killpg ends the server's workers too
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -28,8 +31,13 @@ def serve(*args, port):
             return p
         except OSError:
             time.sleep(0.3)
-    p.kill()
+    stop(p)
     raise RuntimeError(f"{args[0]} did not start")
+
+
+def stop(p):
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,7 @@ def rpc_server():
     port = free_port()
     p = serve("tvm.exec.rpc_server", port=port)
     yield port
-    p.kill()
+    stop(p)
 
 
 def test_deploy_over_rpc_gives_the_local_tokens(artifact, rpc_server, tmp_path):
@@ -74,4 +82,4 @@ def test_tracker_without_a_free_board_gives_up_in_bounded_time(artifact):
         r = run_cli("host.deploy", "--artifact", artifact, "--tracker", f"127.0.0.1:{port}", "--key", "rpi5")
         assert r.returncode == 2 and "not uploading" in r.stderr and "rpi5" in r.stderr
     finally:
-        tracker.kill()
+        stop(tracker)
