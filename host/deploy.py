@@ -1,6 +1,7 @@
 """Deploy an artifact to a board over TVM RPC, run one greedy generation there, check its tokens.
 
-    python -m host.deploy --artifact DIR (--rpc HOST:PORT | --tracker HOST:PORT [--key KEY])
+    python -m host.deploy --artifact DIR (--rpc HOST:PORT | --tracker HOST:PORT [--key KEY] |
+                          --ssh USER@HOST[:PORT] [--ssh-key FILE] [--board-python python3])
                           [--class 3 7] [--cfg 4] [--expect samples.npz] [--timeout 60] [--out DIR]
 
 The board runs TVM's own server (`python -m tvm.exec.rpc_server`, optionally registered with a
@@ -10,11 +11,14 @@ this machine drives the per-scale loop. The board's greedy tokens are compared w
 or, when the artifact runs here too, with a local run. Through a tracker, the key names the
 board (targets/*.toml `rpc_key`; default: the artifact's target), and an artifact built for
 another architecture than that board's is refused before anything is uploaded. Every wait is
-bounded by --timeout.
+bounded by --timeout. With --ssh, the runtime files are copied to the board, TVM's rpc_server
+is started there on its loopback, reached through an SSH tunnel and stopped afterwards
+(host/ssh.py: known_hosts is checked; --accept-new-host-key to trust a new board once).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import socket
@@ -111,18 +115,47 @@ def main(argv=None):
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--rpc", help="HOST:PORT of the board's rpc_server")
     where.add_argument("--tracker", help="HOST:PORT of an RPC tracker")
+    where.add_argument("--ssh", help="USER@HOST[:PORT]: start the board's rpc_server over SSH")
     ap.add_argument("--key", help="tracker key of the board (default: the artifact target's rpc_key)")
     ap.add_argument("--class", dest="classes", type=int, nargs="+", default=[3], metavar="C")
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--expect", type=Path, help="samples.npz with the host's greedy tokens for these classes")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds any wait may take (default 60)")
     ap.add_argument("--out", type=Path, help="write the board's samples and deploy.json here")
+    add_ssh_args(ap)
     args = ap.parse_args(argv)
     args.per_class, args.top_k, args.top_p = 1, 1, 0.0   # one greedy image per class
     manifest = load_manifest(args.artifact)   # a tampered artifact is refused before connecting
     labels = labels_from_args(args, manifest["model"]["num_classes"])
     want, source = expected_tokens(args, manifest, labels, args.cfg)
 
+    with ssh_board(args):
+        run(args, manifest, labels, want, source)
+
+
+def add_ssh_args(ap):
+    ap.add_argument("--ssh-key", help="private key file for --ssh (default: the SSH agent and ~/.ssh keys)")
+    ap.add_argument("--known-hosts", help="known_hosts file for --ssh (default ~/.ssh/known_hosts)")
+    ap.add_argument("--accept-new-host-key", action="store_true",
+                    help="trust and save the board's host key if it is not known yet")
+    ap.add_argument("--board-python", default="python3", help="the board's Python with TVM (default python3)")
+
+
+@contextlib.contextmanager
+def ssh_board(args):
+    """With --ssh: a board started over SSH, reached as --rpc through the tunnel."""
+    if not getattr(args, "ssh", None):
+        yield
+        return
+    from host.ssh import SSHBoard
+    with SSHBoard(args.ssh, key_file=args.ssh_key, known_hosts=args.known_hosts,
+                  accept_new_host_key=args.accept_new_host_key, board_python=args.board_python,
+                  timeout=args.timeout, log=lambda s: print(s, file=sys.stderr, flush=True)) as board:
+        args.rpc = f"127.0.0.1:{board.local_port}"
+        yield
+
+
+def run(args, manifest, labels, want, source):
     from device.runtime import CompiledVAR
     t0 = time.perf_counter()
     session = connect(args, manifest)

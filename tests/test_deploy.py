@@ -83,3 +83,28 @@ def test_tracker_without_a_free_board_gives_up_in_bounded_time(artifact):
         assert r.returncode == 2 and "not uploading" in r.stderr and "rpi5" in r.stderr
     finally:
         stop(tracker)
+
+
+def test_profile_here_writes_json_markdown_and_plot(artifact, tmp_path):
+    r = run_cli("host.profile", "--artifact", artifact, "-n", "2", "--out", tmp_path / "p", timeout=300)
+    assert r.returncode == 0, r.stderr
+    import json
+    res = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert res["images"] == 2 and {"scale_0", "scale_3", "decode", "total"} <= set(res["functions_ms"])
+    assert "attention" in res["kernel_families_ms"] and res["memory_mb"]["weights"] > 0
+    assert (tmp_path / "p" / "profile.png").stat().st_size > 1000 and (tmp_path / "p" / "profile.md").is_file()
+
+
+def test_board_killed_mid_profile_keeps_what_was_measured(artifact, tmp_path):
+    port = free_port()
+    board = serve("tvm.exec.rpc_server", port=port)
+    p = subprocess.Popen([sys.executable, "-m", "host.profile", "--artifact", str(artifact), "--rpc",
+                          f"127.0.0.1:{port}", "-n", "500", "--out", str(tmp_path / "p")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    stop(board)                       # the board goes away mid-run
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "the board failed after" in err and len(err.strip().splitlines()) >= 1
+    import json
+    res = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert res["error"] and res["images"] < 500
