@@ -132,6 +132,8 @@ def device_code(ex, board, workdir: Path, log=print) -> dict | None:
     info = {"kind": board.device, "format": "source", "kernels": len(re.findall(r"(?:__global__|__kernel) void[^;{]*\{", src)),
             "compiled_on_load_by": "NVRTC (cuda-bindings) or nvcc" if board.device == "cuda" else "the OpenCL driver",
             "checked_with": None}
+    if board.device == "opencl":
+        info["checked_with"] = check_opencl(src, board, log)
     if board.device == "cuda":
         nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
         if nvcc is None:
@@ -157,6 +159,24 @@ def model_manifest(var, vae) -> dict:
     return {"depth": c.depth, "width": c.width, "heads": c.heads, "patch_nums": list(c.patch_nums),
             "vocab_size": c.vocab_size, "num_classes": c.num_classes, "seq_len": c.seq_len, "cvae": c.cvae,
             "shared_aln": c.shared_aln, "image_size": vae.image_size, "var": c.to_dict(), "vqvae": vae.cfg.to_dict()}
+
+
+def check_opencl(src: str, board, log) -> str | None:
+    """Compile the OpenCL kernels with this machine's OpenCL (e.g. PoCL on the CPU), if any:
+    it catches code no OpenCL C compiler accepts, though not Mali-specific limits."""
+    try:
+        import pyopencl as cl
+        platform = cl.get_platforms()[0]
+        ctx = cl.Context(devices=platform.get_devices()[:1])
+    except Exception:  # noqa: BLE001  (no pyopencl, no ICD, no device)
+        log("  no OpenCL platform here: OpenCL kernels not compiled at build time (the board compiles them on load)")
+        return None
+    try:
+        cl.Program(ctx, src).build()
+    except cl.Error as e:
+        raise UserError(f"--target {board.name}: the generated OpenCL kernels do not compile: "
+                        f"{str(e).strip().splitlines()[-1][:200]}") from None
+    return f"{platform.name} {platform.version.strip()}"
 
 
 def build(var, vae, plan, target_name: str, batch: int, out, *, plan_path=None, log=print):
