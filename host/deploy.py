@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import platform
-import socket
 import sys
 import threading
 import time
@@ -34,21 +33,7 @@ from device.artifact import load_manifest
 from device.cliargs import labels_from_args
 from device.errors import UserError, cli
 from device.fileio import atomic_path
-
-
-def parse_addr(text: str, option: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"{option} {text}: expected HOST:PORT")
-    return host, int(port)
-
-
-def reachable(host: str, port: int, timeout: float, what: str) -> None:
-    """Fail fast, with a clear message, when nothing listens (RPC's own connect can hang)."""
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise UserError(f"{what} {host}:{port} is not reachable ({e.strerror or e})") from None
+from host.net import parse_addr, reachable
 
 
 def board_for_key(key: str):

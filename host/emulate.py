@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 from device.errors import UserError, cli
+from host.net import stop_group, wait_listening
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "litevar-edge" / "arm64"
 DEBS = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib", "python3.11", "libc6",
@@ -95,27 +93,16 @@ def serve(port: int, tracker: str | None = None, key: str = "arm64-cpu", cache: 
     with open(log_path, "w") as f:
         # its own process group: stop() ends the server and the workers it started
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"the emulated board's rpc_server exited: {tail[0]} (log: {log_path})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.5)
+    if wait_listening(port, timeout, proc):
+        return proc
+    if proc.poll() is not None:
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"the emulated board's rpc_server exited: {tail[0]} (log: {log_path})")
     stop(proc)
     raise UserError(f"the emulated board did not start within {timeout:.0f} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End the emulated board: the server and its worker processes."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+stop = stop_group   # ends the emulated board: the server and its worker processes
 
 
 @cli

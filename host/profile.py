@@ -104,7 +104,7 @@ def profile(model: CompiledVAR, labels, n: int, sampler: dict, board, log=print)
     if res["error"] is None and not model.remote:
         res["kernels_ms"] = instrumented_kernels(model, labels, sampler)
         res["kernel_families_ms"] = kernel_families(res["kernels_ms"])
-    params_mb = sum(p.numpy().nbytes for p in model.params) / 2**20 if not model.remote else None
+    params_mb = sum(np.prod(p.shape) * np.dtype(p.dtype).itemsize for p in model.params) / 2**20
     kv_mb = sum(np.prod(k.shape) * 4 for k in model.kv) / 2**20
     res["memory_mb"] = {"weights": params_mb, "kv_cache": kv_mb}
     if not model.remote:

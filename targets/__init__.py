@@ -87,8 +87,3 @@ def load(name: str) -> Board:
                      rpc_key=data.get("rpc_key", name), roofline=data.get("roofline", {}))
     except KeyError as e:
         raise UserError(f"{path}: missing key {e.args[0]}") from None
-
-
-def resolve(name: str) -> dict:
-    """Target name → TVM target dict of its kernels (checks that the name is known)."""
-    return load(name).target

@@ -1,8 +1,5 @@
 """host.deploy against TVM's own RPC server and tracker on loopback: same greedy tokens on the
 'board', and bounded, one-line failures."""
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,12 +8,8 @@ import pytest
 
 from compiler.build import build
 from conftest import ROOT, run_cli, tiny_models
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from host.net import free_port, wait_listening
+from host.net import stop_group as stop
 
 
 def serve(*args, port):
@@ -24,20 +17,10 @@ def serve(*args, port):
     p = subprocess.Popen([sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port),
                           "--port-end", str(port + 1)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)   # killpg ends the server's workers too
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return p
-        except OSError:
-            time.sleep(0.3)
-    stop(p)
-    raise RuntimeError(f"{args[0]} did not start")
-
-
-def stop(p):
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    if not wait_listening(port, 60, p):
+        stop(p)
+        raise RuntimeError(f"{args[0]} did not start")
+    return p
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The emulated aarch64 board (host.emulate): an arm64-cpu build, cross-linked here, deployed
 over RPC to TVM's runtime under qemu-user, gives the host build's greedy tokens."""
 import shutil
-import socket
 import sys
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from compiler.build import build
 from conftest import run_cli, tiny_models
 from device.runtime import CompiledVAR
+from host.net import free_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-aarch64-static") is None or shutil.which("aarch64-linux-gnu-g++") is None,
@@ -24,9 +24,7 @@ def test_arm64_build_runs_on_the_emulated_board(tmp_path):
     labels = [0, 3]
     toks = np.concatenate([CompiledVAR(host).generate([c], cfg=4.0, top_k=1, top_p=0.0)[0] for c in labels])
     np.savez(tmp_path / "expect.npz", tokens=toks, labels=np.array(labels))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     board = serve(port, log=lambda s: print(s, file=sys.stderr))
     try:
         r = run_cli("host.deploy", "--artifact", arm, "--rpc", f"127.0.0.1:{port}", "--class", "0", "3",

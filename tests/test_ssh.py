@@ -3,8 +3,6 @@ emulated aarch64 board (its Python runs under qemu-user)."""
 import getpass
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 
@@ -12,16 +10,11 @@ import pytest
 
 from compiler.build import build
 from conftest import run_cli, tiny_models
+from host.net import free_port, stop_group, wait_listening
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None,
                                 reason="needs openssh-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +33,14 @@ def sshd(tmp_path_factory):
         os.makedirs("/run/sshd", exist_ok=True)
     p = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or p.poll() is not None:
-                p.kill()
-                pytest.skip("sshd could not start on this machine")
-            time.sleep(0.2)
+    if not wait_listening(port, 20, p):
+        stop_group(p)
+        pytest.skip("sshd could not start on this machine")
     kind, key = (d / "host.pub").read_text().split()[:2]
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {key}\n")
     (d / "empty_known_hosts").write_text("")
     yield port, d / "client", d
-    os.killpg(p.pid, signal.SIGKILL)
+    stop_group(p)
 
 
 def test_unknown_host_key_is_refused(sshd, tmp_path):
