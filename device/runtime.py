@@ -18,7 +18,7 @@ from tvm.runtime.vm import VirtualMachine  # the runtime's VM: boards may have a
 from device.artifact import ArtifactError, load_manifest
 from device.sampling import sample_tokens
 
-SCHEMA, VERSION = "litevar-artifact", 2   # 2: caches as separate arguments, not returned
+SCHEMA, VERSION = "litevar-artifact", 3   # 2: caches as separate arguments; 3: and returned by scale_s
 
 
 def cfg_weights(cfg: float, si: int, num_scales: int) -> np.ndarray:
@@ -95,7 +95,7 @@ class CompiledVAR:
         self.batch = m["batch"]
         self.num_classes = model["num_classes"]
         kv_shape = (2, 2 * self.batch, model["heads"], model["seq_len"], model["width"] // model["heads"])
-        self.kv = [tvm.runtime.empty(kv_shape, "float32", self.dev) for _ in range(model["depth"])]
+        self.kv = [tvm.runtime.tensor(np.zeros(kv_shape, np.float32), self.dev) for _ in range(model["depth"])]
         self.f_hat_shape = (self.batch, model["cvae"], self.patch_nums[-1], self.patch_nums[-1])
 
     timings: dict | None = None   # set to {} to record seconds per function call (device.bench)
@@ -132,7 +132,8 @@ class CompiledVAR:
         f_hat = tvm.runtime.tensor(np.zeros(self.f_hat_shape, np.float32), self.dev)
         tokens = []
         for si in range(S):
-            logits = self._call(f"scale_{si}", x, cond, self._tensor(cfg_weights(cfg, si, S)), *self.kv)
+            logits, *kv = self._call(f"scale_{si}", x, cond, self._tensor(cfg_weights(cfg, si, S)), *self.kv)
+            self.kv = list(kv)   # the same buffers locally; the board VM's copies over RPC
             idx = sample_tokens(logits.numpy(), top_k, top_p, rng)
             tokens.append(idx)
             idx_t = self._tensor(idx.astype(np.int32))

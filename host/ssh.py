@@ -12,8 +12,11 @@ board's network.
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,9 +42,8 @@ class SSHBoard:
         self.spec, self.key_file, self.accept_new = spec, key_file, accept_new_host_key
         self.known_hosts = Path(known_hosts or Path.home() / ".ssh" / "known_hosts").expanduser()
         self.board_python, self.remote_port, self.timeout, self.log = board_python, remote_port, timeout, log
-        self.client = self.pgid = self.listener = None
+        self.client = self.pgid = self.tunnel = None
         self.local_port = None
-        self._closing = False
 
     # -- connection -------------------------------------------------------------------------
     def __enter__(self):
@@ -139,29 +141,34 @@ class SSHBoard:
 
     # -- tunnel -----------------------------------------------------------------------------
     def _open_tunnel(self):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.local_port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self._closing:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            try:
-                chan = self.client.get_transport().open_channel("direct-tcpip", ("127.0.0.1", self.remote_port), peer)
-            except Exception:  # noqa: BLE001
-                conn.close()
-                continue
-            threading.Thread(target=_pump, args=(conn, chan), daemon=True).start()
+        """Start the tunnel in a child process (`python -m host.ssh --tunnel …`). It cannot be a
+        thread of this process: TVM's RPC client waits for the board's reply inside C++ holding
+        the GIL, so a forwarding thread here would never get to forward the request."""
+        cmd = [sys.executable, "-m", "host.ssh", "--tunnel", self.spec, "--remote-port", str(self.remote_port),
+               "--known-hosts", str(self.known_hosts), "--timeout", str(self.timeout)]
+        if self.key_file:
+            cmd += ["--key-file", str(self.key_file)]
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        self.tunnel = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, env=env)
+        ready, _, _ = select.select([self.tunnel.stdout], [], [], self.timeout)
+        line = self.tunnel.stdout.readline() if ready else ""
+        if not line.startswith("listening on "):
+            self.tunnel.kill()
+            err = self.tunnel.stderr.read().strip().splitlines()
+            raise UserError(f"--ssh {self.spec}: the tunnel did not open: {(err or ['no answer'])[-1][:200]}")
+        self.local_port = int(line.split()[-1])
+        self.log(f"ssh: tunnel 127.0.0.1:{self.local_port} -> board 127.0.0.1:{self.remote_port}")
 
     def close(self):
-        self._closing = True
-        if self.listener is not None:
-            self.listener.close()
+        if self.tunnel is not None:
+            self.tunnel.stdin.close()   # the tunnel exits when its stdin closes
+            try:
+                self.tunnel.wait(5)
+            except subprocess.TimeoutExpired:
+                self.tunnel.kill()
+            self.tunnel = None
         if self.client is not None:
             if self.pgid:
                 try:
@@ -171,6 +178,28 @@ class SSHBoard:
                     pass
             self.client.close()
             self.client = None
+
+
+def serve_tunnel(board: SSHBoard):
+    """Forward 127.0.0.1:<free port> here to the board's 127.0.0.1:<remote port> until stdin closes."""
+    board._connect()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    print(f"listening on {listener.getsockname()[1]}", flush=True)
+
+    def accept():
+        while True:
+            conn, peer = listener.accept()
+            try:
+                chan = board.client.get_transport().open_channel("direct-tcpip", ("127.0.0.1", board.remote_port), peer)
+            except Exception:  # noqa: BLE001  (the server went away: refuse this connection)
+                conn.close()
+                continue
+            threading.Thread(target=_pump, args=(conn, chan), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    sys.stdin.read()   # until the parent closes it (or dies)
+    board.client.close()
 
 
 def _pump(sock, chan):
@@ -193,3 +222,19 @@ def _pump(sock, chan):
     finally:
         chan.close()
         sock.close()
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m host.ssh", description="the SSH tunnel of host/ssh.py (internal)")
+    ap.add_argument("--tunnel", required=True, metavar="USER@HOST[:PORT]")
+    ap.add_argument("--remote-port", type=int, required=True)
+    ap.add_argument("--known-hosts", required=True)
+    ap.add_argument("--key-file")
+    ap.add_argument("--timeout", type=float, default=30.0)
+    a = ap.parse_args()
+    try:
+        serve_tunnel(SSHBoard(a.tunnel, key_file=a.key_file, known_hosts=a.known_hosts, remote_port=a.remote_port,
+                              timeout=a.timeout, log=lambda s: None))
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from compiler.build import build
@@ -52,24 +53,26 @@ def test_unknown_host_key_is_refused(sshd, tmp_path):
     assert r.returncode == 2 and "unknown host key" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None, reason="needs qemu-user-static")
-def test_ssh_starts_the_emulated_boards_server_tunnels_to_it_and_stops_it(sshd, tmp_path):
+@pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None or shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="needs qemu-user-static and g++-aarch64-linux-gnu")
+def test_deploy_over_ssh_to_the_emulated_board(sshd, tmp_path):
     """Known host key and key auth; runtime files copied; TVM's rpc_server started on the board's
-    loopback, reached through the tunnel (an upload round trip), and stopped afterwards.
-    (A whole generation through an SSH-started server on the emulated board hangs in the VM's
-    creation; see the README. Over a directly started server it passes: tests/test_emulate.py.)"""
-    from tvm import rpc
+    loopback, reached through the tunnel, a greedy generation there equal to the host build's,
+    and the server stopped afterwards."""
+    from device.runtime import CompiledVAR
     from host.emulate import prepare
-    from host.ssh import SSHBoard
     port, key, d = sshd
-    board_python = prepare(log=lambda s: None)
-    with SSHBoard(f"{getpass.getuser()}@127.0.0.1:{port}", key_file=key, known_hosts=d / "known_hosts",
-                  board_python=board_python, timeout=60, log=lambda s: None) as board:
-        session = rpc.connect("127.0.0.1", board.local_port, session_timeout=120)
-        blob = tmp_path / "blob.bin"
-        blob.write_bytes(os.urandom(1 << 20))
-        session.upload(str(blob), "blob.bin")                 # 1 MB through the tunnel
-        assert (os.path.expanduser("~/litevar-edge/device/runtime.py"))
+    var, vae = tiny_models()
+    arm = build(var, vae, None, "arm64-cpu", 1, tmp_path / "arm", log=lambda s: None)
+    host = build(var, vae, None, "host", 1, tmp_path / "host", log=lambda s: None)
+    toks, _ = CompiledVAR(host).generate([4], cfg=4.0, top_k=1, top_p=0.0)
+    np.savez(tmp_path / "expect.npz", tokens=toks, labels=np.array([4]))
+    r = run_cli("host.deploy", "--artifact", arm, "--ssh", f"{getpass.getuser()}@127.0.0.1:{port}",
+                "--ssh-key", key, "--known-hosts", d / "known_hosts", "--board-python", prepare(log=lambda s: None),
+                "--class", "4", "--expect", tmp_path / "expect.npz", "--timeout", "120", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "100.00 % equal" in r.stdout
+    assert os.path.isfile(os.path.expanduser("~/litevar-edge/device/runtime.py"))
     time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", "tvm.exec.rpc_server"], capture_output=True, text=True).stdout.split()
-    assert not left
+    left = subprocess.run(["pgrep", "-f", "tvm.exec.rpc_server|host.ssh --tunnel"], capture_output=True, text=True)
+    assert not left.stdout.split()

@@ -1,13 +1,15 @@
 """The exported module: every function the board calls, with fully static shapes for batch B.
 
     embed(labels 2B int32)               → (cond, x₀)
-    scale_<s>(x, cond, tw, kv_0 … kv_D−1) → guided logits B×n×V          s = 0 … S−1
+    scale_<s>(x, cond, tw, kv_0 … kv_D−1) → (guided logits B×n×V, kv_0 … kv_D−1)   s = 0 … S−1
     next_<s>(idx B×n int32, f_hat)       → (f_hat, x of scale s+1)       s = 0 … S−2
     last(idx B×n int32, f_hat)           → f_hat
     decode(f_hat)                        → images B×3×H×W in [0, 1]
 
-The caches are separate tensor arguments (not one tuple) and are updated in place, not
-returned: TVM's RPC cannot pass a tuple, and a board driven over RPC runs the same functions.
+The caches are separate tensor arguments (TVM's RPC cannot pass a tuple in), written in place
+and also returned. Locally the returned caches are the argument buffers themselves; over RPC
+the board's VM copies every argument it is given (`set_input`), so the caller must carry the
+returned caches, not its own, into the next scale.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ class GenerationModule(nn.Module):
         """scale_<si>(x, cond, tw, kv_0, …, kv_{D−1}) with those parameter names (nn's export
         names the function's inputs after them)."""
         def scale(x, cond, tw, *kv):
-            return self.var.scale(si, x, cond, tw, kv)[0]
+            logits, kv = self.var.scale(si, x, cond, tw, kv)
+            return (logits, *kv)
         names = ["x", "cond", "tw"] + [f"kv_{d}" for d in range(self.cfg.depth)]
         scale.__signature__ = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
