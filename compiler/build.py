@@ -1,12 +1,14 @@
 """Compile a VAR checkpoint (optionally with a compression plan) into a board artifact.
 
     python -m compiler.build --target host|jetson-orin|mali-g610|rpi5|… [--var VAR --vae VAE]
-                             [--plan plan.json] [--batch 1] --out DIR
+                             [--plan plan.json] [--device cpu] [--batch 1] --out DIR
 
 Boards are described in targets/*.toml. GPU boards get the GPU variants of the kernels
-(scheduled by DLight where they are not hand-scheduled); boards of another architecture are
+(scheduled by DLight where they are not hand-scheduled), or with --device cpu everything runs on
+the board's CPU cores (which the emulated board, host.emulate, can run); boards of another architecture are
 cross-linked on this machine. DIR holds model.so (the TVM library: embed, scale_0…scale_9, next_0…next_8, last, decode),
-params.npz (the weights in the packed form the kernels read) and manifest.json (schema, model
+params.npz (the weights in the packed form the kernels read), for CUDA boards kernels.fatbin
+(the kernels compiled ahead of time, when nvcc is installed here) and manifest.json (schema, model
 config, plan, target, TVM version, batch, sha256 of every file). The artifact is written to a
 temporary directory next to DIR and renamed at the end, so a failed build leaves nothing behind.
 The library is checked before it is kept: its ELF machine must be the board's, and a GPU
@@ -61,37 +63,53 @@ def lower(var, vae, plan, batch: int, gpu: bool = False):
     return mod, param_arrays(named)
 
 
-def pipeline(target):
-    """Relax's default pipeline for the target (it fuses; tvm.compile's own CPU default does not),
-    with our schedule rules for every kernel not scheduled by hand: DLight's GPU rules with one
-    change (schedules/gpu.py), or parallel CPU loops (schedules/cpu.py)."""
-    import tvm
+def _backend(target):
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.relax.backend.gpu_generic import pipeline as generic
+    return {"llvm": cpu, "cuda": cuda}.get(target.kind.name, generic)
+
+
+def unscheduled_passes(target) -> list:
+    """Library dispatch, legalization and fusion: the module whose kernels are scheduled next
+    (and whose unscheduled kernels compiler.tune tunes)."""
+    backend = _backend(target)
+    legalize = backend.legalize_passes(target)
+    if target.kind.name != "llvm":
+        legalize = legalize[:-1]   # DLight's default list: replaced in schedule_passes
+    return backend.library_dispatch_passes(target) + legalize
+
+
+def schedule_passes(target, tuning: Path | None = None) -> list:
+    """The tuning database's schedules where it has one (compiler.tune), then our rules for
+    every kernel still unscheduled: DLight's GPU rules with one change (schedules/gpu.py), or
+    parallel CPU loops (schedules/cpu.py). Hand-written kernels are scheduled already."""
+    from tvm import relax
     from schedules import cpu as cpu_rules
     from schedules import gpu as gpu_rules
-    kind = target.kind.name
-    backend = {"llvm": cpu, "cuda": cuda}.get(kind, generic)
-    legalize = backend.legalize_passes(target)
-    if kind == "llvm":
-        legalize = legalize + [cpu_rules.default_schedule()]
-    else:
-        legalize = legalize[:-1] + [gpu_rules.default_schedule()]   # in place of DLight's default list
+    passes = [relax.transform.MetaScheduleApplyDatabase(str(tuning))] if tuning is not None else []
+    return passes + [cpu_rules.default_schedule() if target.kind.name == "llvm" else gpu_rules.default_schedule()]
+
+
+def pipeline(target, tuning: Path | None = None):
+    """Relax's default pipeline for the target (it fuses; tvm.compile's own CPU default does not),
+    with the tuning database and our schedule rules in place of its schedule step."""
+    import tvm
+    backend = _backend(target)
 
     @tvm.transform.module_pass(opt_level=0)
     def build_pipeline(mod, _ctx):
         with target:
-            return tvm.transform.Sequential(backend.library_dispatch_passes(target) + legalize
+            return tvm.transform.Sequential(unscheduled_passes(target) + schedule_passes(target, tuning)
                                             + backend.dataflow_lower_passes(target)
                                             + backend.finalize_passes(target))(mod)
     return build_pipeline
 
 
-def compile_module(mod, board):
+def compile_module(mod, board, tuning: Path | None = None):
     import tvm
     target = board.tvm_target()
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline(target, tuning))
 
 
 def check_cross_compiler(board):
@@ -113,11 +131,20 @@ def export(ex, board, path: Path):
         raise UserError(f"{path}: linked for ELF machine {machine}, expected {board.elf_machine} ({board.triple})")
 
 
+def find_nvcc() -> str | None:
+    """nvcc on PATH or in the default CUDA location."""
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(default) if default.exists() else None)
+
+
 def device_code(ex, board, workdir: Path, log=print) -> dict | None:
     """Find the GPU kernels in the executable and check that they compile for the board.
 
-    TVM keeps CUDA and OpenCL kernels as source inside the library; the board's runtime compiles
-    them when the library is loaded (CUDA: NVRTC or nvcc; OpenCL: the driver)."""
+    TVM keeps CUDA and OpenCL kernels as source inside the library. OpenCL source is compiled
+    by the board's driver when the library is loaded. CUDA source is compiled here, ahead of
+    time, into kernels.fatbin (SASS for the board's arch plus PTX) when nvcc is installed; the
+    board's runtime loads it instead of compiling the source (device/runtime.py), unless its
+    driver is older than this CUDA, in which case it compiles the source with NVRTC."""
     if not board.gpu:
         return None
     mods, found = [ex.mod], []
@@ -128,30 +155,47 @@ def device_code(ex, board, workdir: Path, log=print) -> dict | None:
         mods.extend(m.imports)
     if not found:
         raise UserError(f"--target {board.name}: the compiled library holds no {board.device} kernels")
-    src = "".join(m.inspect_source("") for m in found)
+    sources = [m.inspect_source("") for m in found]
+    src = "".join(sources)
     info = {"kind": board.device, "format": "source", "kernels": len(re.findall(r"(?:__global__|__kernel) void[^;{]*\{", src)),
             "compiled_on_load_by": "NVRTC (cuda-bindings) or nvcc" if board.device == "cuda" else "the OpenCL driver",
             "checked_with": None}
     if board.device == "opencl":
         info["checked_with"] = check_opencl(src, board, log)
     if board.device == "cuda":
-        nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-        if nvcc is None:
-            log("  nvcc not found: CUDA kernels not compiled at build time (the board compiles them on load)")
-            return info
-        arch = board.target["arch"]
-        cu = workdir / "kernels.cu"
-        cu.write_text(src)
-        r = subprocess.run([nvcc, "-w", f"-arch={arch}", "-cubin", "-o", str(workdir / "kernels.cubin"), str(cu)],
-                           capture_output=True, text=True)
-        cu.unlink()
-        if r.returncode != 0:
-            raise UserError(f"--target {board.name}: the generated CUDA kernels do not compile for {arch}: "
-                            + (r.stderr.strip().splitlines() or ["?"])[-1])
-        cubin = workdir / "kernels.cubin"
-        info["checked_with"] = f"{Path(nvcc).name} -arch={arch} ({cubin.stat().st_size} bytes of {arch} code)"
-        cubin.unlink()
+        info.update(compile_fatbin(sources, board, workdir, log))
     return info
+
+
+def compile_fatbin(sources: list[str], board, workdir: Path, log) -> dict:
+    """kernels.fatbin for the board's arch (SASS + PTX), or {} when there is no nvcc here.
+    The sha256 of each CUDA module's source lets the runtime match the fatbin to the library."""
+    import hashlib
+    src = "".join(sources)
+    nvcc = find_nvcc()
+    if nvcc is None:
+        log("  nvcc not found: CUDA kernels stay source (the board compiles them on load); "
+            "install the CUDA toolkit (/usr/local/cuda) for an ahead-of-time fatbin")
+        return {}
+    arch = board.target["arch"]
+    num = arch.removeprefix("sm_")
+    cu, fatbin = workdir / "kernels.cu", workdir / "kernels.fatbin"
+    cu.write_text(src)
+    r = subprocess.run([nvcc, "-w", "-O3", "-fatbin", f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]",
+                        "-o", str(fatbin), str(cu)], capture_output=True, text=True)
+    cu.unlink()
+    if r.returncode != 0:
+        raise UserError(f"--target {board.name}: the generated CUDA kernels do not compile for {arch}: "
+                        + (r.stderr.strip().splitlines() or ["?"])[-1])
+    version = re.search(r"release (\d+\.\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                              text=True).stdout)
+    cuda = version.group(1) if version else "unknown"
+    log(f"  CUDA kernels compiled ahead of time: kernels.fatbin ({fatbin.stat().st_size} bytes, {arch}, CUDA {cuda})")
+    return {"format": "fatbin", "file": fatbin.name, "arch": arch, "cuda_version": cuda,
+            "source_sha256": [hashlib.sha256(s.encode()).hexdigest() for s in sources],
+            "checked_with": f"{Path(nvcc).name} -arch={arch} (CUDA {cuda})",
+            "compiled_on_load_by": f"nobody on a CUDA {cuda.split('.')[0]}+ driver (the fatbin is loaded); "
+                                   "NVRTC (cuda-bindings) on older drivers"}
 
 
 def model_manifest(var, vae) -> dict:
@@ -179,10 +223,35 @@ def check_opencl(src: str, board, log) -> str | None:
     return f"{platform.name} {platform.version.strip()}"
 
 
-def build(var, vae, plan, target_name: str, batch: int, out, *, plan_path=None, log=print):
+def board_for(target_name: str, device: str | None = None):
+    """The board to build for; device "cpu" puts everything on a GPU board's CPU cores."""
+    board = targets.load(target_name)
+    if device in (None, board.device):
+        return board
+    if device == "cpu":
+        return board.cpu_only()
+    raise UserError(f"--device {device}: {board.name} runs kernels on cpu or {board.device}")
+
+
+def tuning_database(board, tuning=None, log=print) -> Path | None:
+    """The MetaSchedule database to apply: `tuning` if given, else the board's (compiler.tune)
+    when it has records. Records that do not parse are dropped with a warning first."""
+    from compiler.tune import clean_database
+    db = Path(tuning) if tuning else board.tuning_dir
+    if tuning and not db.is_dir():
+        raise UserError(f"--tuning {db}: no such directory")
+    n = clean_database(db, log) if db.is_dir() else 0
+    if n == 0:
+        return None
+    log(f"  applying {n} tuning records from {db}")
+    return db
+
+
+def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, plan_path=None, tuning=None,
+          log=print):
     """Build an artifact into `out` (replacing an older artifact there only when done)."""
     import tvm
-    board = targets.load(target_name)
+    board = board_for(target_name, device)
     check_cross_compiler(board)
     out = Path(out)
     if batch < 1:
@@ -193,7 +262,8 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, plan_path=None, 
     mod, params = lower(var, vae, plan, batch, board.gpu)
     log(f"[2/3] compiling for {board.name}: {json.dumps(board.target)}"
         + (f" on {json.dumps(board.host)}" if board.host else "") + f" ({time.perf_counter() - t0:.0f} s)")
-    ex = compile_module(mod, board)
+    db = tuning_database(board, tuning, log)
+    ex = compile_module(mod, board, db)
     log(f"[3/3] linking{' with ' + board.cross['compiler'] if board.cross else ''} and writing the artifact "
         f"({time.perf_counter() - t0:.0f} s)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -205,7 +275,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, plan_path=None, 
         manifest = {
             "schema": SCHEMA, "version": VERSION, "target": board.name, "device": board.device,
             "tvm_target": board.target, "tvm_host": board.host, "triple": board.triple,
-            "device_code": gpu_code, "tvm_version": tvm.__version__, "batch": batch, "model": model_manifest(var, vae),
+            "device_code": gpu_code, "tuning": str(db) if db else None, "tvm_version": tvm.__version__, "batch": batch, "model": model_manifest(var, vae),
             "plan": plan.to_json() if plan is not None else None,
             "plan_name": str(plan_path) if plan_path else None,
             "library": "model.so", "params": "params.npz", "param_names": list(params),
@@ -230,16 +300,20 @@ def main(argv=None):
                     help=f"board to compile for, from targets/*.toml: {', '.join(targets.known())} (default: host)")
     add_model_args(ap)
     ap.add_argument("--plan", help="compression plan from python -m compiler.calibrate (default: dense fp32)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "opencl"],
+                    help="where the kernels run (default: the board's GPU if it has one; cpu: its CPU cores)")
     ap.add_argument("--batch", type=int, default=1, help="images per generation call (default 1)")
+    ap.add_argument("--tuning", help="MetaSchedule database directory (default: targets/<target>/tuning when it "
+                                     "has records, from python -m compiler.tune)")
     ap.add_argument("--out", required=True, help="artifact directory to write")
     args = ap.parse_args(argv)
-    check_cross_compiler(targets.load(args.target))  # fail before loading anything
+    check_cross_compiler(board_for(args.target, args.device))  # fail before loading anything
     var, vae = load_models(args.var, args.vae)
     plan = None
     if args.plan:
         plan = load_plan(args.plan, var.cfg)
         check_compilable(plan, args.plan)
-    build(var, vae, plan, args.target, args.batch, args.out, plan_path=args.plan,
+    build(var, vae, plan, args.target, args.batch, args.out, device=args.device, plan_path=args.plan, tuning=args.tuning,
           log=lambda s: print(s, file=sys.stderr, flush=True))
 
 

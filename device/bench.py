@@ -59,11 +59,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.n < 1 or args.warmup < 0:
         raise UserError("-n must be at least 1 and --warmup at least 0")
+    t0 = time.perf_counter()
     model = CompiledVAR(args.artifact)
+    load_s = time.perf_counter() - t0
+    if model.kernels:
+        print(f"kernels: {model.kernels}; artifact loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
     if not 0 <= args.cls < model.num_classes:
         raise UserError(f"--class {args.cls}: the model has classes 0..{model.num_classes - 1}")
     r = bench(model, [args.cls] * model.batch, args.n, args.warmup, args.cfg, args.top_k, args.top_p, args.seed,
               log=lambda s: print(s, file=sys.stderr, flush=True))
+    r["load_s"], r["kernels"] = load_s, model.kernels
     print(f"{r['artifact_target']} ({r['device']}): {r['median_s_per_image'] * 1e3:.2f} ms/image median "
           f"over {r['images_timed']} images")
     for name, ms in r["functions_median_ms"].items():

@@ -32,13 +32,19 @@ def device_of(kind: str):
     return {"cpu": tvm.cpu, "cuda": tvm.cuda, "opencl": tvm.opencl}[kind](0)
 
 
-def load_gpu_runtime(kind: str, where) -> None:
-    """Make a runtime-only TVM able to load CUDA kernels: the wheel keeps CUDA support in a
-    sidecar library that only the compiler side loads, and the kernels travel as CUDA source
-    that tvm.support.nvcc compiles (NVRTC, or nvcc) when the library is loaded."""
+def load_gpu_runtime(kind: str, where, code: dict | None = None) -> str | None:
+    """Make a runtime-only TVM able to load CUDA kernels, and say how they were loaded.
+
+    The wheel keeps CUDA support in a sidecar library that only the compiler side loads. The
+    library holds the kernels as CUDA source; TVM asks `tvm_callback_cuda_compile` for a binary
+    when it loads them. With an ahead-of-time kernels.fatbin in the artifact (manifest
+    device_code, made by compiler/build.py) that callback returns the fatbin; without one, or
+    when this driver is older than the CUDA that built it, it compiles the source for the GPU
+    that is here (NVRTC, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc)."""
     if kind != "cuda":
-        return
+        return None
     import ctypes
+    import hashlib
     from tvm.base import _LOADED_LIBS
     if "tvm_runtime_cuda" not in _LOADED_LIBS:
         lib = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
@@ -46,17 +52,44 @@ def load_gpu_runtime(kind: str, where) -> None:
             _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(lib), ctypes.RTLD_LOCAL)
         except OSError as e:
             raise ArtifactError(f"{where}: built for CUDA, but TVM's CUDA runtime does not load here ({e})") from None
-    # TVM's own compile callback asks the compiler-side Target API for the arch, which a
-    # runtime-only TVM lacks: compile for the GPU that is here instead.
     import tvm_ffi
     from tvm.support import nvcc
-    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    gpu = tvm.cuda(0)
+    arch = "sm_" + gpu.compute_version.replace(".", "")
     mode = os.environ.get("TVM_CUDA_COMPILE_MODE", "nvrtc")
+    fatbin, how = None, f"compiled from source on load ({mode}, {arch})"
+    if code and code.get("format") == "fatbin":
+        driver = cuda_driver_major()
+        built = int(code["cuda_version"].split(".")[0])
+        if driver is not None and driver < built:
+            how += f": the fatbin needs a CUDA {built} driver, this one is CUDA {driver}"
+        else:
+            fatbin = (Path(where) / code["file"]).read_bytes()   # its sha256 was checked with the manifest
+            how = f"ahead-of-time {code['file']} ({code['arch']}, CUDA {code['cuda_version']})"
+    known = set(code.get("source_sha256", [])) if code else set()
 
+    # TVM's own callback asks the compiler-side Target API for the arch, which a runtime-only
+    # TVM lacks, so it is replaced.
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
-    def compile_for_this_gpu(code, *_):
+    def kernels_for_this_gpu(source, *_):
+        if fatbin is not None and hashlib.sha256(source.encode()).hexdigest() in known:
+            return fatbin
         fmt = "fatbin" if mode == "nvcc" else "cubin"
-        return nvcc.compile_cuda(code, target_format=fmt, arch=arch, compiler=mode)
+        return nvcc.compile_cuda(source, target_format=fmt, arch=arch, compiler=mode)
+    return how
+
+
+def cuda_driver_major() -> int | None:
+    """The CUDA version the installed driver supports (12 for JetPack 6), from libcuda itself
+    (TVM's Device.driver_version is None for CUDA)."""
+    import ctypes
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return version.value // 1000
+    except OSError:
+        pass
+    return None
 
 
 class CompiledVAR:
@@ -72,6 +105,7 @@ class CompiledVAR:
             raise ArtifactError(f"{d}/manifest.json: not a {SCHEMA} v{VERSION} artifact (rebuild it)")
         kind = m.get("device", "cpu")
         self.remote = session is not None
+        self.kernels = None   # how CUDA kernels were loaded (load_gpu_runtime), when there are any
         if self.remote:
             session.upload(str(d / m["library"]), m["library"])
             self.lib = session.load_module(m["library"])
@@ -82,7 +116,7 @@ class CompiledVAR:
             if check_arch and built_for != here:
                 raise ArtifactError(f"{d}: built for {built_for} ({m.get('target')}), this machine is {here}")
             self.dev = device or device_of(kind)
-            load_gpu_runtime(kind, d)
+            self.kernels = load_gpu_runtime(kind, d, m.get("device_code"))
             self.lib = tvm.runtime.load_module(str(d / m["library"]))
         self.vm = VirtualMachine(self.lib, self.dev)
         with np.load(d / m["params"], allow_pickle=False) as arrays:

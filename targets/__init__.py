@@ -34,6 +34,12 @@ class Board:
     cross: dict | None = None         # {"compiler": …, "package": …}; None: link natively
     rpc_key: str = ""
     roofline: dict = field(default_factory=dict)
+    variant: str = ""                 # "cpu": a GPU board built for its CPU cores only
+
+    @property
+    def tuning_dir(self) -> Path:
+        """Where compiler.tune keeps this board's MetaSchedule database (compiler.build applies it)."""
+        return HERE / self.name / (f"tuning-{self.variant}" if self.variant else "tuning")
 
     @property
     def gpu(self) -> bool:
@@ -51,6 +57,16 @@ class Board:
     @property
     def elf_machine(self) -> int:
         return ELF_MACHINES[self.triple.split("-")[0]]
+
+    def cpu_only(self) -> "Board":
+        """The same board with everything on its CPU cores (a GPU board's host target)."""
+        if not self.gpu:
+            return self
+        roof = {k: v for k, v in self.roofline.items() if k != "peak_gflops"}   # that peak is the GPU's
+        if "cpu_peak_gflops" in self.roofline:
+            roof["peak_gflops"] = self.roofline["cpu_peak_gflops"]
+        return Board(name=self.name, description=f"{self.description} (CPU cores only)", device="cpu",
+                     target=self.host, cross=self.cross, rpc_key=self.rpc_key, roofline=roof, variant="cpu")
 
     def tvm_target(self):
         import tvm  # noqa: PLC0415  (only the build machine needs the compiler)

@@ -2,11 +2,13 @@
 (ELF machine, embedded GPU code that compiles for the board's arch)."""
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
 import targets
-from compiler.build import build, check_cross_compiler
+from compiler.build import build, check_cross_compiler, find_nvcc
 from conftest import tiny_models
 from device.artifact import ArtifactError
 from device.errors import UserError
@@ -68,8 +70,16 @@ def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
     assert elf_machine(art / "model.so") == 183                   # EM_AARCH64
     code = m["device_code"]
     assert m["device"] == "cuda" and code["kind"] == "cuda" and code["kernels"] > 10
-    if shutil.which("nvcc") or (shutil.os.path.exists("/usr/local/cuda/bin/nvcc")):
-        assert "sm_87" in code["checked_with"]                     # nvcc compiled every kernel for Orin
+    if find_nvcc():   # every kernel compiled ahead of time for Orin: SASS for sm_87 and PTX
+        assert "sm_87" in code["checked_with"] and code["format"] == "fatbin"
+        fatbin = (art / code["file"]).read_bytes()
+        assert fatbin[:4] == bytes.fromhex("50ed55ba")             # the fatbin magic
+        assert code["file"] in m["files"] and len(code["source_sha256"]) >= 1
+        cuobjdump = Path(find_nvcc()).with_name("cuobjdump")
+        if cuobjdump.exists():
+            listing = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", art / code["file"]],
+                                     capture_output=True, text=True).stdout
+            assert "sm_87" in listing and ".ptx" in listing
     # the artifact says what it is built for, and this x86 machine refuses to load it
     with pytest.raises(ArtifactError, match="built for aarch64"):
         CompiledVAR(art)
@@ -88,3 +98,16 @@ def test_arm_builds_are_aarch64(tiny, tmp_path, name, device):
             assert m["device_code"]["checked_with"]
     else:
         assert m["device_code"] is None
+
+
+@needs_cross
+def test_device_cpu_puts_a_gpu_board_on_its_cpu_cores(tiny, tmp_path):
+    """--device cpu: the Orin's Cortex-A78AE runs everything (what the emulated board can run)."""
+    var, vae = tiny
+    art = build(var, vae, None, "jetson-orin", 1, tmp_path / "orin-cpu", device="cpu", log=lambda s: None)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["device"] == "cpu" and m["device_code"] is None and m["tvm_target"]["mcpu"] == "cortex-a78ae"
+    assert elf_machine(art / "model.so") == 183
+    with pytest.raises(UserError, match="--device opencl: jetson-orin-nano runs kernels on cpu or cuda"):
+        build(var, vae, None, "jetson-orin", 1, tmp_path / "x", device="opencl", log=lambda s: None)
+    assert not (tmp_path / "x").exists()
