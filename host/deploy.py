@@ -1,7 +1,7 @@
 """Deploy an artifact to a board over TVM RPC, run one greedy generation there, check its tokens.
 
     python -m host.deploy --artifact DIR (--rpc HOST:PORT | --tracker HOST:PORT [--key KEY] |
-                          --ssh USER@HOST[:PORT] [--ssh-key FILE] [--board-python python3])
+                          --ssh USER@HOST[:PORT] [--ssh-key FILE] [--board-python python3] | --emulate)
                           [--class 3 7] [--cfg 4] [--expect samples.npz] [--timeout 60] [--out DIR]
 
 The board runs TVM's own server (`python -m tvm.exec.rpc_server`, optionally registered with a
@@ -14,6 +14,7 @@ another architecture than that board's is refused before anything is uploaded. E
 bounded by --timeout. With --ssh, the runtime files are copied to the board, TVM's rpc_server
 is started there on its loopback, reached through an SSH tunnel and stopped afterwards
 (host/ssh.py: known_hosts is checked; --accept-new-host-key to trust a new board once).
+With --emulate, an emulated aarch64 board (host/emulate.py) is started here for the run.
 """
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ def main(argv=None):
     where.add_argument("--rpc", help="HOST:PORT of the board's rpc_server")
     where.add_argument("--tracker", help="HOST:PORT of an RPC tracker")
     where.add_argument("--ssh", help="USER@HOST[:PORT]: start the board's rpc_server over SSH")
+    where.add_argument("--emulate", action="store_true",
+                       help="start an emulated aarch64 board here for this run (host.emulate; qemu-user)")
     ap.add_argument("--key", help="tracker key of the board (default: the artifact target's rpc_key)")
     ap.add_argument("--class", dest="classes", type=int, nargs="+", default=[3], metavar="C")
     ap.add_argument("--cfg", type=float, default=4.0)
@@ -114,7 +117,7 @@ def main(argv=None):
     labels = labels_from_args(args, manifest["model"]["num_classes"])
     want, source = expected_tokens(args, manifest, labels, args.cfg)
 
-    with ssh_board(args):
+    with ssh_board(args), emulated_board(args):
         run(args, manifest, labels, want, source)
 
 
@@ -138,6 +141,23 @@ def ssh_board(args):
                   timeout=args.timeout, log=lambda s: print(s, file=sys.stderr, flush=True)) as board:
         args.rpc = f"127.0.0.1:{board.local_port}"
         yield
+
+
+@contextlib.contextmanager
+def emulated_board(args):
+    """With --emulate: an emulated aarch64 board on a free loopback port, reached as --rpc."""
+    if not getattr(args, "emulate", False):
+        yield
+        return
+    from host.emulate import serve, stop
+    from host.net import free_port
+    port = free_port()
+    board = serve(port, log=lambda s: print(s, file=sys.stderr, flush=True), timeout=args.timeout * 3)
+    args.rpc = f"127.0.0.1:{port}"
+    try:
+        yield
+    finally:
+        stop(board)
 
 
 def run(args, manifest, labels, want, source):
