@@ -10,6 +10,8 @@ downsampled f̂ into the next scale's input. Same arithmetic as compiler/model/v
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from tvm.relax.frontend import nn
@@ -86,7 +88,14 @@ class FFN(nn.Module):
         self.fc1, self.fc2 = Dense(ffn.fc1, gpu=gpu), Dense(ffn.fc2, gpu=gpu)
 
     def forward(self, x):
-        return self.fc2(op.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
+
+
+def gelu_tanh(x):
+    """GELU, tanh form, written out: relax's gelu_tanh lowers to a scalar libm tanh per element on
+    CPUs (6 ms for 512×512 here); a plain tanh lets the CPU pipeline use TVM's vectorisable
+    fast_tanh (relax.transform.FastMathTransform; 4× faster, within 1e-6)."""
+    return x * 0.5 * (op.tanh((x * x * x * 0.044715 + x) * math.sqrt(2 / math.pi)) + 1.0)
 
 
 class Block(nn.Module):
