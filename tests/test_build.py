@@ -147,3 +147,9 @@ def test_device_bench_times_every_function(dense_artifact, tmp_path):
     assert {"embed", "scale_0", "scale_3", "next_0", "last", "decode"} <= names
     r = run_cli("device.bench", "--artifact", dense_artifact, "--class", "99")
     assert r.returncode == 2 and "--class 99" in r.stderr
+    # two artifacts side by side (here the same one twice): both timed, ratio to the first
+    r = run_cli("device.bench", "--artifact", dense_artifact, "--artifact", dense_artifact, "-n", "1",
+                "--warmup", "0", "--top-k", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    both = json.loads(out.read_text())
+    assert len(both) == 2 and all(b["images_timed"] == 2 for b in both) and "x the first" in r.stdout
