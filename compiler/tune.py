@@ -1,0 +1,203 @@
+"""Tune the kernels our rules schedule generically, with MetaSchedule and its XGBoost cost model.
+
+    python -m compiler.tune --target T [--var VAR --vae VAE] [--plan plan.json] [--device cpu]
+                            [--rpc HOST:PORT | --tracker HOST:PORT --key K] --trials N [--round-trials 64]
+                            [--tasks SUBSTRING …] [--top 12] [--list] [--db DIR]
+
+The tasks are the model's fused kernels that no hand-written schedule covers (norms, softmax,
+GELU, the f̂ resize, the decoder's non-conv layers, …; the attention, dense and conv kernels of
+schedules/ are scheduled already and are skipped); by default the 12 with the most
+floating-point work per image. Candidates are measured here, or on a board over TVM RPC,
+directly or through a tracker (the library is cross-linked here, so the board needs no
+compiler). The database lives in targets/<target>/tuning/ (tuning-cpu/ for --device cpu), and compiler.build
+applies it automatically. Tuning runs in rounds of --round-trials measurements; every round's
+records are in the database when it ends, so an interrupted run keeps what it measured. A record
+that does not parse is dropped with a warning before tuning or building.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from compiler.build import board_for, check_cross_compiler, lower, unscheduled_passes
+from compiler.checkpoint import load_models
+from compiler.cliargs import add_model_args
+from compiler.compress.plan import load_plan
+from compiler.errors import UserError, cli
+from device.fileio import atomic_path
+
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+BUILD_TIMEOUT = 300   # seconds per candidate build: LLVM on a busy 2-core machine exceeds the default 30
+
+
+def extract(var, vae, plan, board, batch: int = 1) -> list:
+    """The unscheduled kernels of the model as MetaSchedule tasks (weight = calls per image)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    mod, _ = lower(var, vae, plan, batch, board.gpu)
+    target = board.tvm_target()
+    with target:
+        mod = tvm.transform.Sequential(unscheduled_passes(target))(mod)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    return [t for t in tasks if not _scheduled(t.dispatched[0])]
+
+
+def _scheduled(mod) -> bool:
+    return any(f.attrs is not None and f.attrs.get("tirx.is_scheduled", False) for f in mod.functions.values())
+
+
+def heaviest(tasks, top: int) -> list:
+    """The `top` tasks with the most floating-point work per image (FLOPs × calls): a 2-core
+    machine spends ~20 s per task per round, and most tasks are reshapes and copies."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    def work(t):
+        try:
+            return estimate_tir_flops(t.dispatched[0]) * t.weight
+        except Exception:  # noqa: BLE001  (an op the estimator does not know)
+            return 0.0
+    ranked = sorted(tasks, key=work, reverse=True)
+    return [t for t in ranked[:top] if work(t) > 0]
+
+
+def clean_database(db: Path, log=print) -> int:
+    """Drop lines that do not parse (and records of dropped workloads); returns the records kept."""
+    wl_path, rec_path = db / WORKLOADS, db / RECORDS
+    if not wl_path.is_file() or not rec_path.is_file():
+        return 0
+    new_index, workloads = {}, []
+    for i, line in enumerate(wl_path.read_text().splitlines()):
+        try:
+            json.loads(line)
+        except ValueError:
+            log(f"warning: {wl_path}:{i + 1}: corrupt workload, skipped with its records")
+            continue
+        new_index[i] = len(workloads)
+        workloads.append(line)
+    records = []
+    for i, line in enumerate(rec_path.read_text().splitlines()):
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, list) and len(rec) == 2 and rec[0] in new_index and isinstance(rec[1], list)
+        except ValueError:
+            ok = False
+        if not ok:
+            log(f"warning: {rec_path}:{i + 1}: corrupt tuning record, skipped")
+            continue
+        rec[0] = new_index[rec[0]]
+        records.append(json.dumps(rec))
+    for path, lines in ((wl_path, workloads), (rec_path, records)):
+        text = "".join(line + "\n" for line in lines)
+        if text != path.read_text():
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
+    return len(records)
+
+
+def runner_for(args, board):
+    """Measure here (LocalRunner), or on a board (RPCRunner) reached directly (--rpc) or through
+    a tracker (--tracker); for a board the candidates are cross-linked here."""
+    from tvm.s_tir import meta_schedule as ms
+    if not (args.tracker or args.rpc):
+        if board.cross:
+            raise UserError(f"--target {board.name}: its kernels cannot run on this machine; measure on the "
+                            f"board with --rpc HOST:PORT or --tracker HOST:PORT --key {board.rpc_key}")
+        return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT), ms.runner.LocalRunner()
+    from host.net import parse_addr
+    host, port = parse_addr(args.rpc or args.tracker, "--rpc" if args.rpc else "--tracker")
+    # RPCConfig only knows trackers: for --rpc its tracker fields hold the server's address,
+    # and _direct_session connects to it
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=args.key or board.rpc_key,
+                                 session_timeout_sec=120)
+    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_export=_cross_export if board.cross else None)
+    return builder, ms.runner.RPCRunner(config, f_create_session=_direct_session if args.rpc else None)
+
+
+def _direct_session(config):
+    from tvm import rpc
+    return rpc.connect(config.tracker_host, config.tracker_port, session_timeout=config.session_timeout_sec)
+
+
+def _cross_export(mod) -> str:
+    """LocalBuilder's export step, linked with the aarch64 cross compiler (the board has none)."""
+    import tempfile
+    from tvm.support import cc
+    path = os.path.join(tempfile.mkdtemp(), "tuned.so")
+    mod.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    return path
+
+
+def tune(tasks, board, db: Path, trials: int, round_trials: int, builder, runner, per_iter: int = 8,
+         log=print) -> int:
+    from tvm.s_tir import meta_schedule as ms
+    db.mkdir(parents=True, exist_ok=True)
+    clean_database(db, log)
+    done, rnd = 0, 0
+    while done < trials:
+        rnd += 1
+        n = min(round_trials, trials - done)
+        log(f"round {rnd}: {n} trials over {len(tasks)} tasks ({done}/{trials} done)")
+        # a population sized to the round: the default 512 costs minutes per task on 2 cores
+        batch = min(per_iter, n)
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=max(64, min(512, 32 * batch)))
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(db / "logs"),
+                                                                                  strategy=strategy)
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(db / "logs"), max_trials_global=n,
+                      num_trials_per_iter=batch, builder=builder, runner=runner,
+                      database=ms.database.JSONDatabase(str(db / WORKLOADS), str(db / RECORDS)),
+                      cost_model="xgb")
+        done += n
+        log(f"round {rnd} done: {clean_database(db, log)} records in {db}")
+    return clean_database(db, log)
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m compiler.tune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="host", help="board from targets/ (default host)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "opencl"], help="as for compiler.build")
+    add_model_args(ap)
+    ap.add_argument("--plan", help="compression plan the build will use (its kernels differ)")
+    ap.add_argument("--trials", type=int, default=256, help="measurements in all (default 256)")
+    ap.add_argument("--round-trials", type=int, default=64, help="measurements per saved round (default 64)")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--rpc", help="HOST:PORT of a board's rpc_server: measure there")
+    where.add_argument("--tracker", help="HOST:PORT of an RPC tracker: measure on a board registered there")
+    ap.add_argument("--key", help="the board's tracker key (default: the target's rpc_key)")
+    ap.add_argument("--tasks", nargs="+", metavar="SUBSTRING", help="tune only tasks whose name contains one")
+    ap.add_argument("--top", type=int, default=12, help="tune the N tasks with the most work per image (default 12)")
+    ap.add_argument("--list", action="store_true", help="list the tasks and exit")
+    ap.add_argument("--db", type=Path, help="database directory (default targets/<target>/tuning)")
+    args = ap.parse_args(argv)
+    if args.trials < 1 or args.round_trials < 1:
+        raise UserError("--trials and --round-trials must be at least 1")
+    board = board_for(args.target, args.device)
+    check_cross_compiler(board)
+    var, vae = load_models(args.var, args.vae)
+    plan = load_plan(args.plan, var.cfg) if args.plan else None
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"extracting tasks for {board.name} ({board.device})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tasks = extract(var, vae, plan, board)
+    if args.tasks:
+        tasks = [t for t in tasks if any(s in t.task_name for s in args.tasks)]
+        if not tasks:
+            raise UserError(f"--tasks {' '.join(args.tasks)}: no task matches (see --list)")
+    tasks = heaviest(tasks, args.top)
+    if args.list:
+        for t in tasks:
+            print(f"{t.task_name}  (×{t.weight})")
+        return
+    builder, runner = runner_for(args, board)
+    db = args.db or board.tuning_dir
+    n = tune(tasks, board, db, args.trials, args.round_trials, builder, runner, log=log)
+    print(f"{n} tuning records in {db}; compiler.build --target {args.target} applies them")
+
+
+if __name__ == "__main__":
+    main()
