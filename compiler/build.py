@@ -74,7 +74,7 @@ def unscheduled_passes(target) -> list:
     """Library dispatch, legalization and fusion: the module whose kernels are scheduled next
     (and whose unscheduled kernels compiler.tune tunes). On CPUs exp, tanh, erf and softmax
     become TVM's polynomial fast_* versions first: LLVM turns the exact ones into scalar libm
-    calls (GELU alone took ~15 % of a demo image)."""
+    calls (GELU: 5.9 ms for 512×512 exact, 1.6 ms fast)."""
     from tvm import relax
     backend = _backend(target)
     legalize = backend.legalize_passes(target)
@@ -236,6 +236,12 @@ def board_for(target_name: str, device: str | None = None):
     raise UserError(f"--device {device}: {board.name} runs kernels on cpu or {board.device}")
 
 
+def _shown(path: Path) -> str:
+    """A path for the manifest: relative to the project when inside it (no machine paths)."""
+    root = Path(__file__).resolve().parents[1]
+    return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)
+
+
 def tuning_database(board, tuning=None, log=print) -> Path | None:
     """The MetaSchedule database to apply: `tuning` if given, else the board's (compiler.tune)
     when it has records. Records that do not parse are dropped with a warning first."""
@@ -278,7 +284,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
         manifest = {
             "schema": SCHEMA, "version": VERSION, "target": board.name, "device": board.device,
             "tvm_target": board.target, "tvm_host": board.host, "triple": board.triple,
-            "device_code": gpu_code, "tuning": str(db) if db else None, "tvm_version": tvm.__version__, "batch": batch, "model": model_manifest(var, vae),
+            "device_code": gpu_code, "tuning": _shown(db) if db else None, "tvm_version": tvm.__version__, "batch": batch, "model": model_manifest(var, vae),
             "plan": plan.to_json() if plan is not None else None,
             "plan_name": str(plan_path) if plan_path else None,
             "library": "model.so", "params": "params.npz", "param_names": list(params),

@@ -131,7 +131,7 @@ def _cross_export(mod) -> str:
     return path
 
 
-def tune(tasks, board, db: Path, trials: int, round_trials: int, builder, runner, per_iter: int = 8,
+def tune(tasks, db: Path, trials: int, round_trials: int, builder, runner, per_iter: int = 8,
          log=print) -> int:
     from tvm.s_tir import meta_schedule as ms
     db.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def main(argv=None):
         return
     builder, runner = runner_for(args, board)
     db = args.db or board.tuning_dir
-    n = tune(tasks, board, db, args.trials, args.round_trials, builder, runner, log=log)
+    n = tune(tasks, db, args.trials, args.round_trials, builder, runner, log=log)
     print(f"{n} tuning records in {db}; compiler.build --target {args.target} applies them")
 
 
