@@ -53,12 +53,13 @@ def check_compilable(plan, where):
         raise UserError(f"{where}: quant.default: scheme {plan.quant_default} has no compiled kernel yet")
 
 
-def lower(var, vae, plan, batch: int, gpu: bool = False):
-    """Reference models (+ plan) → (IRModule, ordered parameter arrays)."""
+def lower(var, vae, plan, batch: int, device: str = "cpu"):
+    """Reference models (+ plan) → (IRModule, ordered parameter arrays) for kernels on `device`
+    ("cpu", "cuda" or "opencl")."""
     from compiler.lower.module import GenerationModule
     from compiler.lower.params import param_arrays
     model = apply_plan(var, plan) if plan is not None else var
-    gm = GenerationModule(model, vae, plan, gpu=gpu)
+    gm = GenerationModule(model, vae, plan, gpu=device if device != "cpu" else False)
     mod, named = gm.export_tvm(spec=gm.spec(batch))
     return mod, param_arrays(named)
 
@@ -256,11 +257,22 @@ def tuning_database(board, tuning=None, log=print) -> Path | None:
     return db
 
 
+def check_plan_fits(plan, board, plan_path=None):
+    """Refuse, before any work, a plan layer the board's kernels cannot compute."""
+    if plan is None or board.device != "opencl":
+        return
+    for name, q in plan.quant_layers.items():
+        if q["scheme"] == "w4a8":   # its exact group sums need fp64, which OpenCL leaves optional
+            raise UserError(f"{plan_path or 'plan'}: quant.layers.{name}: w4a8 has no OpenCL kernel (Mali GPUs "
+                            f"have no fp64 for its exact group sums); use w4a16 or w8a8 for --target {board.name}")
+
+
 def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, plan_path=None, tuning=None,
           log=print):
     """Build an artifact into `out` (replacing an older artifact there only when done)."""
     import tvm
     board = board_for(target_name, device)
+    check_plan_fits(plan, board, plan_path)
     check_cross_compiler(board)
     out = Path(out)
     if batch < 1:
@@ -268,7 +280,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
     ensure_writable_dir(out.parent)
     t0 = time.perf_counter()
     log(f"[1/3] lowering to Relax (batch {batch}, {len(var.cfg.patch_nums)} scales)")
-    mod, params = lower(var, vae, plan, batch, board.gpu)
+    mod, params = lower(var, vae, plan, batch, board.device)
     log(f"[2/3] compiling for {board.name}: {json.dumps(board.target)}"
         + (f" on {json.dumps(board.host)}" if board.host else "") + f" ({time.perf_counter() - t0:.0f} s)")
     db = tuning_database(board, tuning, log)

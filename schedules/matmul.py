@@ -1,4 +1,5 @@
-"""Dense layers y = x·Wᵀ + b as scheduled TIR kernels for CPUs (LLVM), fp32 and W8A8.
+"""Dense layers y = x·Wᵀ + b in fp32 as scheduled TIR kernels for CPUs (LLVM), and the per-token
+int8 quantization of activations (quantized kernels: schedules/qmatmul.py).
 
 (GPU builds express dense layers as Relax matmuls, which DLight's matmul/GEMV rules schedule;
 of this file they use only the per-token quantization, bound to GPU threads.)
@@ -90,37 +91,6 @@ def dense_fp32(M: int, K: int, O: int):
                 y[vi, vj] = acc[vi, vj] + b[vj]
 
     return _schedule(dense, M, "bias")
-
-
-@lru_cache(maxsize=None)  # one parse and schedule per shape
-def dense_w8a8(M: int, K: int, O: int):
-    """int8 x M×K with per-token scales sx M×1, int8 panels wp with per-channel scales sw O →
-    y = float(Σ x·w)·sx·sw (int32 accumulation, the order of compiler/compress/quant.py).
-
-    The bias is added by the caller in a separate kernel: fused here, LLVM would contract the
-    last multiply and the add into one FMA and differ from the reference in the last bit."""
-    P, L = O // LANES, LANES
-
-    @T.prim_func(private=True, s_tir=True)
-    def dense_i8(x: T.Buffer((T.int64(M), T.int64(K)), "int8"),
-                 sx: T.Buffer((T.int64(M), T.int64(1)), "float32"),
-                 wp: T.Buffer((T.int64(P), T.int64(K), T.int64(L)), "int8"),
-                 sw: T.Buffer((T.int64(O),), "float32"),
-                 y: T.Buffer((T.int64(M), T.int64(O)), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        acc = T.alloc_buffer((T.int64(M), T.int64(O)), "int32")
-        for i, j, k in T.grid(T.int64(M), T.int64(O), T.int64(K)):
-            with T.sblock("mm"):
-                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
-                with T.init():
-                    acc[vi, vj] = 0
-                acc[vi, vj] = acc[vi, vj] + T.Cast("int32", x[vi, vk]) * T.Cast("int32", wp[vj // L, vk, vj % L])
-        for i, j in T.grid(T.int64(M), T.int64(O)):
-            with T.sblock("dequant"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                y[vi, vj] = T.Cast("float32", acc[vi, vj]) * sx[vi, T.int64(0)] * sw[vj]
-
-    return _schedule(dense_i8, M, "dequant")
 
 
 @lru_cache(maxsize=None)  # one parse and schedule per shape

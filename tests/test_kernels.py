@@ -5,8 +5,9 @@ import torch
 import tvm
 
 from compiler.compress.mdwa import scale_mask
-from compiler.compress.quant import W8A8, quantize_per_token_int8
-from schedules import attention, matmul
+from compiler.compress.quant import W4A8, W4A16, W8A8, pack_int4, quantize_per_token_int8
+from compiler.errors import UserError
+from schedules import attention, matmul, qmatmul
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 DEV = tvm.cpu()
@@ -32,23 +33,69 @@ def test_pack_weight_refuses_ragged_panels():
         matmul.pack_weight(np.zeros((20, 8), np.float32))
 
 
-@pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 40, 32)])
-def test_w8a8_kernels_equal_the_pytorch_simulation_bit_for_bit(M, K, O):
-    rng = np.random.default_rng(O)
+def quantized_case(M, K, O, seed):
+    rng = np.random.default_rng(seed)
     x = (rng.standard_normal((M, K)) * 3).astype(np.float32)
     x[0, :4] = [0.5, -0.5, 1.5, 2.5]  # ties: round half to even
     w = rng.standard_normal((O, K)).astype(np.float32)
-    b = rng.standard_normal(O).astype(np.float32)
-    scheme = W8A8()
+    w[1] *= 1e-3                       # a channel with tiny scales
+    return x, w, rng.standard_normal(O).astype(np.float32)
+
+
+def run_quantized(scheme, x, packed, b):
+    """The CPU kernel of `scheme` on x (activations quantized by our kernel when needed)."""
+    M, K = x.shape
+    O = b.shape[0]
+    if scheme.name == "w8a8":
+        w, ws = matmul.pack_weight(packed["qweight"].numpy()), packed["scales"].numpy()
+    else:
+        w, ws = qmatmul.pack_int4(packed["qweight"].numpy(), packed["scales"].numpy())
+    if scheme.name == "w4a16":
+        xk, sx = x, np.zeros((1, 1), np.float32)
+    else:
+        xk, sx = run(matmul.quantize_per_token(M, K), x, out=[((M, K), "int8"), ((M, 1), "float32")])
+        ref_q, ref_s = quantize_per_token_int8(torch.from_numpy(x))
+        np.testing.assert_array_equal(xk, ref_q.numpy())
+        np.testing.assert_array_equal(sx, ref_s.numpy())
+    (y,) = run(qmatmul.dense_quant(M, K, O, scheme.name, scheme.group), xk, sx, w, ws, b,
+               out=[((M, O), "float32")])
+    return y if scheme.name == "w4a16" else y + b  # the bias is the caller's for integer kernels
+
+
+@pytest.mark.parametrize("scheme", [W8A8(), W4A8(32), W4A8(64)], ids=lambda s: f"{s.name}-{s.group}")
+@pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 128, 32), (1, 2112, 16)])
+def test_integer_kernels_equal_the_pytorch_simulation_bit_for_bit(scheme, M, K, O):
+    """2112 inputs: more than one exact float32 run (w8a8 sums 704 at a time)."""
+    x, w, b = quantized_case(M, K, O, K + O)
     packed = scheme.pack(torch.from_numpy(w))
     want = (scheme.matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
-    xq, sx = run(matmul.quantize_per_token(M, K), x, out=[((M, K), "int8"), ((M, 1), "float32")])
-    ref_q, ref_s = quantize_per_token_int8(torch.from_numpy(x))
-    np.testing.assert_array_equal(xq, ref_q.numpy())
-    np.testing.assert_array_equal(sx, ref_s.numpy())
-    (y,) = run(matmul.dense_w8a8(M, K, O), xq, sx, matmul.pack_weight(packed["qweight"].numpy()),
-               packed["scales"].numpy(), out=[((M, O), "float32")])
-    np.testing.assert_array_equal(y + b, want)
+    np.testing.assert_array_equal(run_quantized(scheme, x, packed, b), want)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("M,K,O", [(3, 128, 32), (7, 256, 16)])
+def test_w4a16_kernel_matches_the_dequantized_product(group, M, K, O):
+    x, w, b = quantized_case(M, K, O, M)
+    scheme = W4A16(group)
+    packed = scheme.pack(torch.from_numpy(w))
+    want = (scheme.matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
+    np.testing.assert_allclose(run_quantized(scheme, x, packed, b), want, rtol=1e-5, atol=1e-4)
+
+
+def test_int4_nibbles_cover_the_whole_grid():
+    """Every value of [-8, 7] in both nibbles survives pack → kernel unpack."""
+    q = np.array([[a, c] for a in range(-8, 8) for c in range(-8, 8)], np.int8).reshape(1, -1)
+    q = np.repeat(q, 16, 0)                              # 16 channels × 512 inputs
+    packed = {"qweight": pack_int4(torch.from_numpy(q)), "scales": torch.ones(16, 16, dtype=torch.float16)}
+    x = np.eye(512, dtype=np.float32)                   # y[i, o] = w[o, i]
+    y = run_quantized(W4A16(32), x, packed, np.zeros(16, np.float32))
+    np.testing.assert_array_equal(y.T, q.astype(np.float32))
+
+
+@pytest.mark.parametrize("K,group", [(96, 64), (64, 0), (64, 7)])
+def test_groups_that_do_not_divide_the_inputs_are_refused(K, group):
+    with pytest.raises(UserError, match=f"group size {group}"):
+        qmatmul.dense_quant(4, K, 16, "w4a8", group)
 
 
 def reference_attention(q, kv, win, pns, qs, share):

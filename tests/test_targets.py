@@ -13,7 +13,7 @@ from conftest import tiny_models
 from device.artifact import ArtifactError
 from device.errors import UserError
 from device.runtime import CompiledVAR
-from test_build import tiny_plan
+from test_build import mixed_int4_plan, tiny_plan
 
 needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
                                  reason="g++-aarch64-linux-gnu is not installed")
@@ -64,8 +64,11 @@ def tiny():
 
 @needs_cross
 def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
+    """A plan with MDWA, ASC, W8A8 and the int4 schemes: every kernel compiles for sm_87."""
     var, vae = tiny
-    art = build(var, vae, tiny_plan(var), "jetson-orin", 1, tmp_path / "orin", log=lambda s: None)
+    plan = tiny_plan(var)
+    plan.quant_layers.update(mixed_int4_plan(var).quant_layers)
+    art = build(var, vae, plan, "jetson-orin", 1, tmp_path / "orin", log=lambda s: None)
     m = json.loads((art / "manifest.json").read_text())
     assert elf_machine(art / "model.so") == 183                   # EM_AARCH64
     code = m["device_code"]
@@ -88,8 +91,10 @@ def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
 @needs_cross
 @pytest.mark.parametrize("name,device", [("mali-g610", "opencl"), ("rpi5", "cpu")])
 def test_arm_builds_are_aarch64(tiny, tmp_path, name, device):
+    """Mali with a W4A16/W8A8 plan: PoCL compiles the OpenCL of the int4 kernels too."""
     var, vae = tiny
-    art = build(var, vae, None, name, 1, tmp_path / name, log=lambda s: None)
+    plan = mixed_int4_plan(var, w4a8=False) if device == "opencl" else None
+    art = build(var, vae, plan, name, 1, tmp_path / name, log=lambda s: None)
     m = json.loads((art / "manifest.json").read_text())
     assert elf_machine(art / "model.so") == 183 and m["device"] == device
     if device == "opencl":
@@ -98,6 +103,14 @@ def test_arm_builds_are_aarch64(tiny, tmp_path, name, device):
             assert m["device_code"]["checked_with"]
     else:
         assert m["device_code"] is None
+
+
+def test_w4a8_is_refused_for_opencl_before_any_work(tiny, tmp_path):
+    var, vae = tiny
+    with pytest.raises(UserError, match="plan.json: quant.layers.blocks.0.attn.mat_qkv: w4a8 has no OpenCL kernel"):
+        build(var, vae, mixed_int4_plan(var), "mali-g610", 1, tmp_path / "m", plan_path="plan.json",
+              log=lambda s: None)
+    assert not (tmp_path / "m").exists()
 
 
 @needs_cross

@@ -1,4 +1,4 @@
-"""Graph layers that call the kernels of schedules/: dense (fp32 or W8A8) and attention."""
+"""Graph layers that call the kernels of schedules/: dense (fp32, W8A8, W4A16, W4A8) and attention."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,8 @@ from tvm.relax.frontend.nn import op
 
 from compiler.compress.quant import QuantLinear
 from compiler.lower.params import param
-from schedules import matmul
+from compiler.errors import UserError
+from schedules import matmul, qmatmul
 
 
 def placeholder(shape, dtype="float32"):
@@ -15,22 +16,32 @@ def placeholder(shape, dtype="float32"):
 
 
 class Dense(nn.Module):
-    """y = x·Wᵀ + b from a torch Linear or a W8A8 QuantLinear; weights packed in panels (CPU)
-    or transposed to K×O (GPU, for DLight)."""
+    """y = x·Wᵀ + b from a torch Linear or a QuantLinear (w8a8, w4a16, w4a8), the weights in the
+    layout of the target's kernel: panels (CPU) or K×O (GPU, for DLight). `gpu`: False, "cuda"
+    or "opencl"."""
 
-    def __init__(self, linear, bias=None, gpu: bool = False):
+    def __init__(self, linear, bias=None, gpu: str | bool = False):
         self.gpu = gpu
         if isinstance(linear, QuantLinear):
-            if linear.scheme.name != "w8a8":
-                raise NotImplementedError(f"scheme {linear.scheme.name} has no compiled kernel yet")
-            self.scheme = "w8a8"
-            w = linear.qweight.numpy()
-            self.sw = param(linear.scales.float())
+            self.scheme, self.group = linear.scheme.name, linear.scheme.group
+            if self.scheme not in ("w8a8", "w4a16", "w4a8"):
+                raise UserError(f"scheme {self.scheme} is simulation-only and has no compiled kernel")
+            if self.scheme == "w8a8":
+                self.wp = param(matmul.pack_weight(linear.qweight.numpy(), gpu))
+                self.sw = param(linear.scales.float())
+            else:
+                scales = linear.scales
+                if gpu == "opencl":   # fp16 is optional in OpenCL: float32 holds the float16 scales exactly
+                    assert self.scheme != "w4a8", "compiler.build.check_plan_fits refuses w4a8 on OpenCL"
+                    scales = scales.float()
+                wq, ws = qmatmul.pack_int4(linear.qweight.numpy(), scales.numpy(), bool(gpu))
+                self.wp, self.sw = param(wq), param(ws)
+            O, K = linear.out_features, linear.in_features
         else:
-            self.scheme = "fp32"
+            self.scheme, self.group = "fp32", None
             w = linear.weight.detach().float().numpy()
-        self.wp = param(matmul.pack_weight(w, gpu))
-        O, K = w.shape
+            self.wp = param(matmul.pack_weight(w, gpu))
+            O, K = w.shape
         b = bias if bias is not None else linear.bias
         self.b = param(b.float() if b is not None else torch.zeros(O))
         self.in_features, self.out_features = K, O
@@ -47,19 +58,34 @@ class Dense(nn.Module):
         elif self.scheme == "fp32":
             y = op.tensor_ir_op(matmul.dense_fp32(M, K, O), "dense", [x2, self.wp, self.b], placeholder([M, O]))
         else:
-            xq, sx = op.tensor_ir_op(matmul.quantize_per_token(M, K), "quantize_per_token", [x2],
-                                     [placeholder([M, K], "int8"), placeholder([M, 1])])
-            y = op.tensor_ir_op(matmul.dense_w8a8(M, K, O), "dense_w8a8", [xq, sx, self.wp, self.sw],
-                                placeholder([M, O]))
-            y = op.add(y, self.b)
+            sx = op.zeros([1, 1], "float32")  # w4a16 keeps float activations: no scales
+            if self.scheme != "w4a16":
+                x2, sx = quantize(x2, M, K, gpu)
+            y = op.tensor_ir_op(qmatmul.dense_quant(M, K, O, self.scheme, self.group), f"dense_{self.scheme}",
+                                [x2, sx, self.wp, self.sw, self.b], placeholder([M, O]))
+            if self.scheme != "w4a16":
+                y = op.add(y, self.b)
         return op.reshape(y, lead + [O])
 
     def _forward_gpu(self, x2, M, K):
         """Plain Relax matmuls (weights K×O) that DLight's GPU rules schedule, fused with the
         epilogue; W8A8 multiplies int8 by int8 into int32 like the CPU kernel."""
+        O = self.out_features
         if self.scheme == "fp32":
             return op.add(op.matmul(x2, self.wp), self.b)
-        xq, sx = op.tensor_ir_op(matmul.quantize_per_token(M, K, True), "quantize_per_token", [x2],
-                                 [placeholder([M, K], "int8"), placeholder([M, 1])])
+        if self.scheme == "w4a16":
+            w = op.tensor_expr_op(qmatmul.dequantize_gpu(K, O, self.group), "dequantize", [self.wp, self.sw])
+            return op.add(op.matmul(x2, w), self.b)
+        xq, sx = quantize(x2, M, K, True)
+        if self.scheme == "w4a8":
+            y = op.tensor_ir_op(qmatmul.dense_w4a8_gpu(M, K, O, self.group), "dense_w4a8", [xq, sx, self.wp, self.sw],
+                                placeholder([M, O]))
+            return op.add(y, self.b)
         acc = op.matmul(xq, self.wp, out_dtype="int32")
         return op.add(op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw), self.b)
+
+
+def quantize(x2, M, K, gpu):
+    """Per-token int8 activations and their scales (the kernel of schedules/matmul.py)."""
+    return op.tensor_ir_op(matmul.quantize_per_token(M, K, gpu), "quantize_per_token", [x2],
+                           [placeholder([M, K], "int8"), placeholder([M, 1])])

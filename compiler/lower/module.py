@@ -24,7 +24,7 @@ from compiler.lower.vqvae_graph import VQVAEGraph
 
 
 class GenerationModule(nn.Module):
-    def __init__(self, var, vae, plan=None, gpu: bool = False):
+    def __init__(self, var, vae, plan=None, gpu: str | bool = False):
         self.cfg = var.cfg
         self.var = VARGraph(var, plan, gpu)
         self.vae = VQVAEGraph(vae, var.cfg, gpu)

@@ -123,9 +123,9 @@ class Block(nn.Module):
 
 class VARGraph(nn.Module):
     """All per-scale VAR functions; parameters are taken from a (plan-applied) reference VAR.
-    `gpu` picks the GPU variants of the kernels (and their weight layout)."""
+    `gpu` (False, "cuda" or "opencl") picks the GPU variants of the kernels (and their weight layout)."""
 
-    def __init__(self, var: VAR, plan: Plan | None = None, gpu: bool = False):
+    def __init__(self, var: VAR, plan: Plan | None = None, gpu: str | bool = False):
         cfg = self.cfg = var.cfg
         self.class_emb = param(var.class_emb.weight.float())
         self.pos_start = param(var.pos_start.float())

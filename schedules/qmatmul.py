@@ -1,0 +1,200 @@
+"""Quantized dense layers: W8A8, and group-wise int4 weights (W4A16, W4A8), for CPUs and GPUs.
+
+The weights stay in the packed form of compiler/compress/quant.py: int8 per output channel
+with float32 scales, or int4 two per byte (low nibble = even input) with one float16 scale per
+(output channel, group of inputs). Kernels unpack next to the multiply and follow the
+simulation's arithmetic:
+- W8A8 and W4A8 sum the integer products exactly, then scale in the simulation's order, so
+  they equal it bit for bit (the bias is added by the caller: fused, LLVM would contract the
+  last multiply and the add into one FMA and differ in the last bit);
+- W4A16 multiplies float32 activations by the dequantized weight q·s: the same values as the
+  simulation, summed in another order.
+
+CPU layout: panels of LANES output channels, like schedules/matmul.py — int8 P×K×LANES, or
+bytes P×K/2×LANES with scales P×G×LANES. GPU layout: int8 K×O or bytes K/2×O with scales G×O,
+so consecutive threads read consecutive channels. On GPUs, W8A8 is an int8 Relax matmul and
+W4A16 a TIR block named "dequantize" feeding a plain matmul (DLight's matmul and GEMV rules
+inline it and schedule both); W4A8 is one thread per output.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from tvm import te
+from tvm.script import tirx as T
+
+from compiler.errors import UserError
+from schedules.matmul import LANES, row_tile
+
+
+def check_group(K: int, group: int):
+    if group <= 0 or group % 2 or K % group:
+        raise UserError(f"int4 group size {group} must be even and divide the layer's {K} inputs")
+
+
+def pack_int4(qweight: np.ndarray, scales: np.ndarray, gpu: bool = False):
+    """The simulation's uint8 O×K/2 and float16 O×G → the kernel layout (see the module doc)."""
+    O = qweight.shape[0]
+    if gpu:
+        return np.ascontiguousarray(qweight.T), np.ascontiguousarray(scales.T)
+    if O % LANES:
+        raise ValueError(f"{O} output channels are not a multiple of {LANES}")
+    panels = lambda a: np.ascontiguousarray(a.reshape(O // LANES, LANES, -1).transpose(0, 2, 1))  # noqa: E731
+    return panels(qweight), panels(scales)
+
+
+def _nibbles(byte):
+    """Signed low and high nibble of an int32 in [0, 255], without shifts into the sign bit."""
+    return (byte & 15) - ((byte & 8) << 1), (byte >> 4) - ((byte & 128) >> 3)
+
+
+def chunk(K: int, most: int = 1024) -> int:
+    """Longest run of inputs, dividing K, whose int8·int8 sum is still exact in float32:
+    1024 · 127² < 2²⁴."""
+    return max(d for d in range(1, min(K, most) + 1) if K % d == 0)
+
+
+@lru_cache(maxsize=None)  # one parse per shape
+def dense_quant(M: int, K: int, O: int, scheme: str, group: int | None = None):
+    """CPU kernel of a quantized dense layer; `scheme` "w8a8", "w4a16" or "w4a8".
+
+    Arguments: w8a8 (x int8 M×K, sx M×1, w int8 P×K×L, sw f32 O, b) → y without bias;
+    w4a16 (x f32 M×K, sx 1×1 unused, w uint8 P×K/2×L, ws f16 P×G×L, b O) → y + b;
+    w4a8 (x int8 M×K, sx M×1, w uint8 P×K/2×L, ws f16 P×G×L, b) → y without bias.
+
+    Each parallel task converts one panel of weights to float32 once (raw integers, or
+    dequantized for w4a16) and runs it against every row tile, so unpacking costs one pass over
+    the weights, not one per row tile. Integer activations are converted once to float32: this
+    CPU (AVX2) has no int8 dot-product instruction, and FMA on integer-valued floats sums a run
+    of products (a group, or `chunk(K)` inputs) exactly and at fp32 speed; runs are then
+    combined in int32 (w8a8) or float64 (w4a8, times the group scale)."""
+    if O % LANES:
+        raise ValueError(f"{O} output channels are not a multiple of {LANES}")
+    four = scheme.startswith("w4")
+    if four:
+        check_group(K, group)
+    P, L = O // LANES, LANES
+    run = group if scheme == "w4a8" else chunk(K) if scheme == "w8a8" else K  # inputs summed exactly per run
+    NR, G = K // run, K // group if four else 1
+    mi = row_tile(M)
+    R = M // mi
+    i64 = T.int64
+    act = "float32" if scheme == "w4a16" else "int8"
+    wshape = (i64(P), i64(K // 2), i64(L)) if four else (i64(P), i64(K), i64(L))
+    sshape = (i64(P), i64(G), i64(L)) if four else (i64(O),)
+    sx_rows = 1 if scheme == "w4a16" else M
+    acc_dtype = {"w8a8": "int32", "w4a8": "float64", "w4a16": "float32"}[scheme]
+
+    @T.prim_func(private=True)
+    def dense_q(x: T.Buffer((i64(M), i64(K)), act),
+                sx: T.Buffer((i64(sx_rows), i64(1)), "float32"),
+                wq: T.Buffer(wshape, "uint8" if four else "int8"),
+                ws: T.Buffer(sshape, "float16" if four else "float32"),
+                b: T.Buffer((i64(O),), "float32"),
+                y: T.Buffer((i64(M), i64(O)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        xf = T.decl_buffer((M, K), "float32")
+        for i in T.parallel(M):
+            for k in T.vectorized(K):
+                xf[i, k] = T.Cast("float32", x[i, k])
+        for p in T.parallel(P):
+            wf = T.decl_buffer((K, L), "float32")
+            byte = T.decl_buffer((L,), "int32", scope="local")  # a let in a vectorised loop keeps one lane
+            if four:
+                for k2 in range(K // 2):
+                    for u in T.vectorized(L):
+                        byte[u] = T.Cast("int32", wq[p, k2, u])
+                        wf[2 * k2, u] = T.Cast("float32", (byte[u] & 15) - ((byte[u] & 8) << 1))
+                        wf[2 * k2 + 1, u] = T.Cast("float32", (byte[u] >> 4) - ((byte[u] & 128) >> 3))
+                    if scheme == "w4a16":
+                        for u in T.vectorized(L):
+                            wf[2 * k2, u] = wf[2 * k2, u] * T.Cast("float32", ws[p, 2 * k2 // group, u])
+                            wf[2 * k2 + 1, u] = wf[2 * k2 + 1, u] * T.Cast("float32", ws[p, 2 * k2 // group, u])
+            else:
+                for k in range(K):
+                    for u in T.vectorized(L):
+                        wf[k, u] = T.Cast("float32", wq[p, k, u])
+            for r in range(R):
+                acc = T.decl_buffer((mi, L), acc_dtype, scope="local")
+                part = T.decl_buffer((mi, L), "float32", scope="local")
+                for ii in T.unroll(mi):
+                    for u in T.vectorized(L):
+                        acc[ii, u] = T.Cast(acc_dtype, 0)
+                for g in range(NR):
+                    for ii in T.unroll(mi):
+                        for u in T.vectorized(L):
+                            part[ii, u] = T.float32(0)
+                    for k in range(run):
+                        for ii in T.unroll(mi):
+                            for u in T.vectorized(L):
+                                part[ii, u] = part[ii, u] + xf[r * mi + ii, g * run + k] * wf[g * run + k, u]
+                    for ii in T.unroll(mi):
+                        for u in T.vectorized(L):
+                            if scheme == "w4a8":
+                                acc[ii, u] = acc[ii, u] + T.Cast("float64", part[ii, u]) * T.Cast("float64", ws[p, g, u])
+                            else:
+                                acc[ii, u] = acc[ii, u] + T.Cast(acc_dtype, part[ii, u])
+                for ii in T.unroll(mi):
+                    for u in T.vectorized(L):
+                        if scheme == "w8a8":
+                            y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii, u]) * sx[r * mi + ii, i64(0)] * ws[p * L + u]
+                        elif scheme == "w4a8":
+                            y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii, u]) * sx[r * mi + ii, i64(0)]
+                        else:
+                            y[r * mi + ii, p * L + u] = acc[ii, u] + b[p * L + u]
+
+    return dense_q.with_attr("tirx.is_scheduled", True)
+
+
+def dequantize_gpu(K: int, O: int, group: int):
+    """TE function (bytes K/2×O, scales G×O) → float32 K×O weight, in a block named
+    "dequantize" so that FuseOps fuses it into the matmul after it and DLight inlines it."""
+    check_group(K, group)
+
+    def compute(wq, ws):
+        def value(k, o):
+            byte = wq[k // 2, o].astype("int32")
+            lo, hi = _nibbles(byte)
+            q = te.if_then_else(k % 2 == 0, lo, hi)
+            return q.astype("float32") * ws[k // group, o].astype("float32")  # float16 or float32 scales
+        return te.compute((K, O), value, name="dequantize")
+
+    return compute
+
+
+@lru_cache(maxsize=None)
+def dense_w4a8_gpu(M: int, K: int, O: int, group: int, threads: int = 128):
+    """GPU W4A8: one thread per output (m, o), the arithmetic of the CPU kernel."""
+    check_group(K, group)
+    G, i64 = K // group, T.int64
+    blocks = (M * O + threads - 1) // threads
+
+    @T.prim_func(private=True)
+    def w4a8(x: T.Buffer((i64(M), i64(K)), "int8"),
+             sx: T.Buffer((i64(M), i64(1)), "float32"),
+             wq: T.Buffer((i64(K // 2), i64(O)), "uint8"),
+             ws: T.Buffer((i64(G), i64(O)), "float16"),
+             y: T.Buffer((i64(M), i64(O)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                r = bx * threads + tx
+                if r < M * O:
+                    m = r // O
+                    o = r % O
+                    acc = T.decl_buffer((1,), "float64", scope="local")
+                    grp = T.decl_buffer((1,), "float32", scope="local")
+                    acc[0] = T.float64(0)
+                    for g in range(G):
+                        grp[0] = T.float32(0)
+                        for k2 in range(group // 2):
+                            byte = T.Cast("int32", wq[g * (group // 2) + k2, o])
+                            grp[0] = (grp[0] + T.Cast("float32", x[m, g * group + 2 * k2])
+                                      * T.Cast("float32", (byte & 15) - ((byte & 8) << 1))
+                                      + T.Cast("float32", x[m, g * group + 2 * k2 + 1])
+                                      * T.Cast("float32", (byte >> 4) - ((byte & 128) >> 3)))
+                        acc[0] = acc[0] + T.Cast("float64", grp[0]) * T.Cast("float64", ws[g, o])
+                    y[m, o] = T.Cast("float32", acc[0]) * sx[m, i64(0)]
+
+    return w4a8.with_attr("tirx.is_scheduled", True)
