@@ -1,0 +1,257 @@
+"""Microbenchmarks of the kernels of schedules/, side by side in one run, on this CPU.
+
+    python -m schedules.bench [--model d16|demo] [--repeat 7] [--out kernels.json]
+
+For the transformer shapes of the model at its last scale (2 × n tokens under CFG):
+- each dense layer (qkv, proj, fc1, fc2, head) in fp32, W8A8, W4A16 and W4A8 against our fp32
+  kernel, PyTorch's fp32 Linear and PyTorch's dynamic int8 Linear (fbgemm);
+- attention of the last scale against the whole KV cache: dense, MDWA bands of several widths
+  (the cost should follow the kept pairs: time / dense ≤ 1.5 × kept fraction), ASC, and
+  PyTorch's scaled_dot_product_attention on the dense problem.
+Each row gives the median time, GFLOP/s (multiply-adds × 2, kept pairs only for attention) and
+the fraction of this CPU's peak, measured first by a kernel of independent vector FMAs.
+Engines are timed in rounds (A, B, C, A, B, C, …), so load on this shared machine hits all alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+import tvm
+from tvm.script import tirx as T
+
+from compiler.compress.mdwa import kept_pairs
+from compiler.compress.quant import W4A8, W4A16, W8A8, quantize_per_token_int8
+from compiler.errors import UserError, cli
+from compiler.fileio import atomic_path
+from device.cores import claim_cores
+from schedules import attention, matmul, qmatmul
+
+SHAPES = {  # width, heads, MLP hidden, vocabulary, patch_nums
+    "d16": (1024, 16, 4096, 4096, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
+    "demo": (256, 4, 1024, 512, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
+}
+WINDOWS = (64, 16, 4)      # band half-widths (in key tokens of the query's own scale) to measure
+DENSE_SCALES = 3           # key scales 0–2 stay dense, as LiteVAR keeps them
+
+
+def target():
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+def compile_kernel(func):
+    return tvm.compile(tvm.IRModule({"f": func.with_attr("global_symbol", "f")}), target=target())["f"]
+
+
+def peak_kernel(threads: int, iters: int, chains: int = 12, lanes: int = 8):
+    """Independent FMA chains in vector registers, one task per core: this CPU's fp32 peak."""
+    @T.prim_func(private=True)
+    def peak(out: T.Buffer((threads, lanes), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.decl_buffer((chains, lanes), "float32", scope="local")
+            for a in T.unroll(chains):
+                for u in T.vectorized(lanes):
+                    acc[a, u] = T.Cast("float32", a + u + t)
+            for _ in range(iters):
+                for a in T.unroll(chains):
+                    for u in T.vectorized(lanes):
+                        acc[a, u] = acc[a, u] * T.float32(0.999) + T.float32(0.001)
+            for u in T.vectorized(lanes):
+                out[t, u] = T.float32(0)
+            for a in range(chains):
+                for u in T.vectorized(lanes):
+                    out[t, u] = out[t, u] + acc[a, u]
+
+    return peak.with_attr("tirx.is_scheduled", True), 2.0 * threads * iters * chains * lanes
+
+
+def measured_peak_gflops(repeat: int = 5) -> float:
+    threads = tvm.get_global_func("runtime.NumThreads")()
+    func, flops = peak_kernel(threads, 2_000_000)
+    f = compile_kernel(func)
+    out = tvm.runtime.empty((threads, 8), "float32", tvm.cpu())
+    best = min(timed(lambda: f(out), 1) for _ in range(repeat))
+    return flops / best / 1e9
+
+
+def timed(call, number: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(number):
+        call()
+    return (time.perf_counter() - t0) / number
+
+
+def side_by_side(engines: dict, repeat: int, target_s: float = 0.05) -> dict:
+    """name → median seconds per call; calls per sample chosen so a sample lasts ~target_s."""
+    number = {}
+    for name, call in engines.items():
+        call()                                             # warm up (and first-touch the memory)
+        number[name] = max(1, int(target_s / max(timed(call, 1), 1e-6)))
+    samples = {name: [] for name in engines}
+    for _ in range(repeat):
+        for name, call in engines.items():
+            samples[name].append(timed(call, number[name]))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def tensors(*arrays):
+    return [tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu()) for a in arrays]
+
+
+def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
+    rng = np.random.default_rng(K + O)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = (rng.standard_normal((O, K)) / np.sqrt(K)).astype(np.float32)
+    b = np.zeros(O, np.float32)
+    y = tvm.runtime.empty((M, O), "float32", tvm.cpu())
+    xq, sx = (t.numpy() for t in quantize_per_token_int8(torch.from_numpy(x)))
+    xq_t = tvm.runtime.empty((M, K), "int8", tvm.cpu())
+    sx_t = tvm.runtime.empty((M, 1), "float32", tvm.cpu())
+    quant = compile_kernel(matmul.quantize_per_token(M, K))
+    engines = {}
+    fp32 = compile_kernel(matmul.dense_fp32(M, K, O))
+    args = tensors(x, matmul.pack_weight(w), b)
+    engines["tvm fp32"] = lambda: fp32(*args, y)
+    x_t, none = tensors(x, np.zeros((1, 1), np.float32))
+    for scheme in (W8A8(), W4A16(group), W4A8(group)):
+        packed = {k: v.numpy() for k, v in scheme.pack(torch.from_numpy(w)).items()}
+        if scheme.name == "w8a8":
+            wp, ws = matmul.pack_weight(packed["qweight"]), packed["scales"]
+        else:
+            wp, ws = qmatmul.pack_int4(packed["qweight"], packed["scales"])
+        kernel = compile_kernel(qmatmul.dense_quant(M, K, O, scheme.name, scheme.group))
+        wargs = tensors(wp, ws, b)
+        if scheme.name == "w4a16":
+            engines[f"tvm {scheme.name}"] = lambda k=kernel, a=wargs: k(x_t, none, *a, y)
+        else:   # the per-token quantization of the activations is part of the layer's cost
+            engines[f"tvm {scheme.name}"] = lambda k=kernel, a=wargs: (quant(x_t, xq_t, sx_t), k(xq_t, sx_t, *a, y))
+    lin = torch.nn.Linear(K, O).eval()
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+    xt = torch.from_numpy(x)
+    with warnings.catch_warnings():   # torch.ao's eager quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+
+    def torch_fp32():
+        with torch.no_grad():
+            lin(xt)
+
+    def torch_int8():
+        with torch.no_grad():
+            qlin(xt)
+    engines["torch fp32"] = torch_fp32
+    engines["torch int8 (fbgemm)"] = torch_int8
+    del xq, sx
+    return engines
+
+
+def attention_case(width: int, heads: int, pns, window: int | None, share: str | None = None):
+    """Windows for the last query scale: key scales < DENSE_SCALES dense, the rest `window`."""
+    S, qs = len(pns), len(pns) - 1
+    win = -np.ones((S, heads, S), np.int32)
+    if window is not None:
+        win[qs, :, DENSE_SCALES:] = window
+    windows_q = [None if w < 0 else int(w) for w in win[qs, 0, :]]
+    n = pns[qs] ** 2
+    kept = kept_pairs(windows_q, pns, qs)
+    return win, kept / (n * sum(p * p for p in pns)), kept
+
+
+def attention_engines(width: int, heads: int, pns) -> tuple[dict, dict]:
+    """name → call, and name → kept fraction of (query, key) pairs."""
+    NB, H, c = 2, heads, width // heads
+    S, qs = len(pns), len(pns) - 1
+    n, L = pns[qs] ** 2, sum(p * p for p in pns)
+    rng = np.random.default_rng(0)
+    q = (rng.standard_normal((NB, H, n, c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
+    kv = (rng.standard_normal((2, NB, H, L, c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
+    ends = np.cumsum([p * p for p in pns])
+    geom = np.stack([ends - np.array(pns) ** 2, np.array(pns) ** 2], 1).astype(np.int32)
+    out = tvm.runtime.empty((NB, H, n, c), "float32", tvm.cpu())
+    q_t, kv_t, geom_t = tensors(q, kv, geom)
+    engines, kept = {}, {}
+    cases = [("dense", None, None)] + [(f"MDWA w={w}", w, None) for w in WINDOWS]
+    cases += [(f"MDWA w={WINDOWS[1]} + ASC {s}", WINDOWS[1], s) for s in ("map", "output")]
+    for name, window, share in cases:
+        win, frac, _ = attention_case(width, heads, pns, window)
+        f = compile_kernel(attention.windowed_attention(NB, H, n, c, L, S, qs, share))
+        (win_t,) = tensors(win)
+        engines[name] = lambda f=f, w=win_t: f(q_t, kv_t, w, geom_t, out)
+        kept[name] = frac / (2 if share else 1)   # ASC: one CFG half computes the weights
+    qt, kt, vt = (torch.from_numpy(a) for a in (q, kv[0], kv[1]))
+    engines["torch SDPA (dense)"] = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+    kept["torch SDPA (dense)"] = 1.0
+    return engines, kept
+
+
+def run(model: str, repeat: int, log=print) -> dict:
+    width, heads, hidden, vocab, pns = SHAPES[model]
+    M = 2 * pns[-1] ** 2
+    claim_cores()
+    threads = tvm.get_global_func("runtime.NumThreads")()
+    torch.set_num_threads(threads)
+    log(f"measuring this CPU's fp32 peak ({threads} threads of vector FMAs) …")
+    peak = measured_peak_gflops()
+    log(f"  {peak:.0f} GFLOP/s")
+    report = {"model": model, "tokens": M, "peak_gflops": peak, "dense": [], "attention": []}
+    layers = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, hidden),
+              "fc2": (hidden, width), "head": (width, vocab)}
+    for layer, (K, O) in layers.items():
+        log(f"{layer}: {M}×{K} · {K}×{O}, compiling …")
+        times = side_by_side(dense_engines(M, K, O), repeat)
+        flops = 2.0 * M * K * O
+        for name, t in times.items():
+            report["dense"].append({"layer": layer, "M": M, "K": K, "O": O, "engine": name, "ms": t * 1e3,
+                                    "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak,
+                                    "vs_tvm_fp32": times["tvm fp32"] / t, "vs_torch_fp32": times["torch fp32"] / t})
+    n, L, c = pns[-1] ** 2, sum(p * p for p in pns), width // heads
+    log(f"attention: 2×{heads} heads × {n} queries × {L} keys (c={c}), compiling …")
+    engines, kept = attention_engines(width, heads, pns)
+    times = side_by_side(engines, repeat)
+    for name, t in times.items():
+        flops = 2 * 2.0 * 2 * heads * n * L * c * kept[name]     # q·k and p·v over the kept pairs
+        rel = t / times["dense"]
+        report["attention"].append({"engine": name, "ms": t * 1e3, "kept_fraction": kept[name],
+                                    "time_vs_dense": rel, "cost_per_kept": rel / kept[name],
+                                    "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak})
+    return report
+
+
+def print_report(r: dict, log=print):
+    log(f"\nDense layers, {r['tokens']} tokens ({r['model']}); peak {r['peak_gflops']:.0f} GFLOP/s")
+    log(f"{'layer':6} {'engine':22} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8} {'vs tvm fp32':>12} {'vs torch fp32':>14}")
+    for d in r["dense"]:
+        log(f"{d['layer']:6} {d['engine']:22} {d['ms']:8.2f} {d['gflops']:8.1f} {d['of_peak']:8.1%} "
+            f"{d['vs_tvm_fp32']:11.2f}× {d['vs_torch_fp32']:13.2f}×")
+    log("\nAttention of the last scale (time / dense should be ≤ 1.5 × kept fraction)")
+    log(f"{'engine':26} {'ms':>8} {'kept':>7} {'time/dense':>11} {'÷ kept':>7} {'GFLOP/s':>8} {'of peak':>8}")
+    for a in r["attention"]:
+        log(f"{a['engine']:26} {a['ms']:8.2f} {a['kept_fraction']:7.1%} {a['time_vs_dense']:11.3f} "
+            f"{a['cost_per_kept']:7.2f} {a['gflops']:8.1f} {a['of_peak']:8.1%}")
+
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m schedules.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(SHAPES), default="d16", help="layer shapes (default d16)")
+    ap.add_argument("--repeat", type=int, default=7, help="timed rounds per engine (default 7)")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        raise UserError(f"--repeat must be at least 1, got {args.repeat}")
+    report = run(args.model, args.repeat)
+    print_report(report)
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
