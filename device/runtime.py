@@ -18,7 +18,8 @@ from tvm.runtime.vm import VirtualMachine  # the runtime's VM: boards may have a
 from device.artifact import ArtifactError, load_manifest
 from device.sampling import sample_tokens
 
-SCHEMA, VERSION = "litevar-artifact", 3   # 2: caches as separate arguments; 3: and returned by scale_s
+# 2: caches as separate arguments; 3: and returned by scale_s; 4: cache shape in the manifest
+SCHEMA, VERSION = "litevar-artifact", 4
 
 
 def cfg_weights(cfg: float, si: int, num_scales: int) -> np.ndarray:
@@ -128,8 +129,8 @@ class CompiledVAR:
         self.patch_nums = model["patch_nums"]
         self.batch = m["batch"]
         self.num_classes = model["num_classes"]
-        kv_shape = (2, 2 * self.batch, model["heads"], model["seq_len"], model["width"] // model["heads"])
-        self.kv = [tvm.runtime.tensor(np.zeros(kv_shape, np.float32), self.dev) for _ in range(model["depth"])]
+        # the layout is the kernels' business (schedules/attention.py); zeros: the padding is read, never used
+        self.kv = [tvm.runtime.tensor(np.zeros(m["kv_shape"], np.float32), self.dev) for _ in range(model["depth"])]
         self.f_hat_shape = (self.batch, model["cvae"], self.patch_nums[-1], self.patch_nums[-1])
 
     timings: dict | None = None   # set to {} to record seconds per function call (device.bench)

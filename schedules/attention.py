@@ -7,64 +7,200 @@ One kernel covers the three cases of a plan:
   contiguous run of keys per key scale; w = 0 drops the key scale, w < 0 keeps it dense;
 - ASC: under CFG the conditional half computes the softmax weights once; "map" applies them to
   both halves' values, "output" copies the conditional output to the unconditional half.
-Softmax is online (running max and sum), so no score row is stored. One loop iteration (CPU:
-a parallel task; GPU: a thread) per (batch, head, query) row; on the CPU the head-dim loops
-are vectorised.
+
+Cache layout, per block: 2 × NB × H × (L·c + 32), keys transposed (K[b, h] is c × L) and values
+row-major (V[b, h] is L × c). Transposed keys let the CPU kernel compute the scores of 8
+consecutive keys as one vector, with no horizontal sums; the 32 spare floats keep the last
+step of scores inside the row.
+
+CPU: one parallel task per (batch, head, query) row. Per key run: scores of 32 keys at a time
+(4 vectors of 8), then one softmax rescale for the whole run, weights by a vectorised polynomial exp, and
+acc += p·V vectorised over channels. GPU: one thread per row with a per-key online softmax (no
+score buffer in registers).
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 NEG_INF = -3.0e38
+KB = 8                # keys per score vector (AVX2: one register)
+KT = 4                # score vectors per step: independent FMA chains sharing each q broadcast
+STEP = KB * KT        # keys per step
 
 
-@lru_cache(maxsize=None)  # one parse and schedule per shape
+def cache_row(L: int, c: int) -> int:
+    """Floats per (k or v, batch, head) row of the cache: L·c and room for one step of scores."""
+    return L * c + STEP
+
+
+def key_run(i, n, nk, w):
+    """First and one-past-last kept key of query i (of n) in a key scale of nk tokens:
+    lo = ceil((i·nk − w·n + 1)/n), hi = ⌊(i·nk + w·n − 1)/n⌋ + 1, clipped; w < 0: all keys."""
+    lo = T.if_then_else(w < 0, 0, T.max(0, T.floordiv(i * nk - w * n + n, n)))
+    hi = T.if_then_else(w < 0, nk, T.min(nk, T.floordiv(i * nk + w * n - 1, n) + 1))
+    return lo, hi
+
+
+def fast_exp(x):
+    """exp(x) for x ≤ 0 in float32 lanes: 2ⁿ·p(r) with x = n·ln2 + r, |r| ≤ ln2/2, p of degree 7
+    (relative error ~2e-7, like float32 expf); x below −87 gives ~1e-38 instead of 0."""
+    x = tirx.max(x, tirx.const(-87.0, "float32"))
+    n = tirx.floor(x * tirx.const(1.4426950408889634, "float32") + tirx.const(0.5, "float32"))
+    r = x - n * tirx.const(0.693359375, "float32") + n * tirx.const(2.12194440e-4, "float32")
+    p = tirx.const(1.9875691500e-4, "float32")
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + tirx.const(coef, "float32")
+    p = p * r * r + r + tirx.const(1.0, "float32")
+    two_n = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+    return p * two_n
+
+
+def cache_of(kv):
+    """numpy 2×NB×H×L×c keys and values → the cache layout above (tests, benchmarks)."""
+    import numpy as np
+    _, NB, H, L, c = kv.shape
+    cache = np.zeros((2, NB, H, cache_row(L, c)), np.float32)
+    cache[0, :, :, :L * c] = kv[0].transpose(0, 1, 3, 2).reshape(NB, H, L * c)
+    cache[1, :, :, :L * c] = kv[1].reshape(NB, H, L * c)
+    return cache
+
+
+@lru_cache(maxsize=None)  # one parse per shape
 def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
-    """Write one scale's k, v (NB×H×n×c) at token `begin` of the cache (2×NB×H×L×c), in place."""
+    """Write one scale's k, v (NB×H×n×c) at token `begin` of the cache, in place."""
 
     @T.prim_func(private=True, s_tir=True)
-    def write_kv(kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(L), T.int64(c)), "float32"),
+    def write_kv(kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
                  k: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
                  v: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
         T.func_attr({"tirx.noalias": True})
-        for b, h, i, cc in T.grid(T.int64(NB), T.int64(H), T.int64(n), T.int64(c)):
+        for b, h, cc, i in T.grid(T.int64(NB), T.int64(H), T.int64(c), T.int64(n)):
             with T.sblock("write_k"):
-                vb, vh, vi, vc = T.axis.remap("SSSS", [b, h, i, cc])
-                kv[T.int64(0), vb, vh, vi + T.int64(begin), vc] = k[vb, vh, vi, vc]
+                vb, vh, vc, vi = T.axis.remap("SSSS", [b, h, cc, i])
+                kv[T.int64(0), vb, vh, vc * T.int64(L) + vi + T.int64(begin)] = k[vb, vh, vi, vc]
         for b, h, i, cc in T.grid(T.int64(NB), T.int64(H), T.int64(n), T.int64(c)):
             with T.sblock("write_v"):
                 vb, vh, vi, vc = T.axis.remap("SSSS", [b, h, i, cc])
-                kv[T.int64(1), vb, vh, vi + T.int64(begin), vc] = v[vb, vh, vi, vc]
+                kv[T.int64(1), vb, vh, (vi + T.int64(begin)) * T.int64(c) + vc] = v[vb, vh, vi, vc]
 
     return write_kv
 
 
-@lru_cache(maxsize=None)  # one parse and schedule per shape
 def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
                        share: str | None = None, gpu: bool = False):
     """out NB×H×n×c = softmax(q·kᵀ over kept keys)·v for query scale `qs`.
 
     Tables: win S×H×S int32 (window per query scale, head, key scale; −1 dense, 0 dropped) and
     geom S×2 int32 (first token and token count of each scale). `share`: None, "map" or "output"."""
+    return (_attention_gpu if gpu else _attention_cpu)(NB, H, n, c, L, S, qs, share)
+
+
+@lru_cache(maxsize=None)
+def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None):
     half = NB // 2 if share else NB
     rows = half * H * n
-    lanes = 8 if c % 8 == 0 else 1      # q·k in 8 partial sums, so it vectorises (AVX2: one register)
-    chunks = c // lanes
-    # rows = blocks × threads: CPU one row per parallel task, GPU 64 threads per block
-    threads = 64 if gpu else 1
-    blocks = (rows + threads - 1) // threads
-    if gpu:
-        outer = lambda e: T.thread_binding(e, thread="blockIdx.x")  # noqa: E731
-        inner = lambda e: T.thread_binding(e, thread="threadIdx.x")  # noqa: E731
-    else:
-        outer, inner = T.parallel, T.serial
-    vec = T.serial if gpu else T.vectorized  # GPU: one thread per row, nothing to vectorise
+    lanes = 8 if c % 8 == 0 else 1
 
     @T.prim_func(private=True)
     def attention(q: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
-                  kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(L), T.int64(c)), "float32"),
+                  kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
+                  win: T.Buffer((T.int64(S), T.int64(H), T.int64(S)), "int32"),
+                  geom: T.Buffer((T.int64(S), T.int64(2)), "int32"),
+                  out: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        for r in T.parallel(rows):
+            b = r // (H * n)
+            h = r // n % H
+            i = r % n
+            m = T.decl_buffer((1,), "float32", scope="local")
+            l = T.decl_buffer((1,), "float32", scope="local")
+            corr = T.decl_buffer((1,), "float32", scope="local")
+            sc = T.decl_buffer((L + STEP,), "float32", scope="local")   # scores, then weights, of one run
+            s4 = T.decl_buffer((KT, KB), "float32", scope="local")
+            lsum = T.decl_buffer((KB,), "float32", scope="local")
+            vmax = T.decl_buffer((KB,), "float32", scope="local")
+            acc = T.decl_buffer((c,), "float32", scope="local")
+            acc_u = T.decl_buffer((c,), "float32", scope="local")    # ASC "map": the other half
+            m[0] = T.float32(NEG_INF)
+            l[0] = T.float32(0)
+            for cc in T.vectorized(c):
+                acc[cc] = T.float32(0)
+                acc_u[cc] = T.float32(0)
+            for ks in range(qs + 1):
+                lo, hi = key_run(i, n, geom[ks, 1], win[qs, h, ks])
+                cnt = hi - lo
+                base = geom[ks, 0] + lo
+                if cnt > 0:
+                    # scores of 32 consecutive keys per step (past the run: masked below)
+                    for jb in range((cnt + STEP - 1) // STEP):
+                        for t in T.unroll(KT):
+                            for u in T.vectorized(KB):
+                                s4[t, u] = T.float32(0)
+                        for cc in range(c):
+                            for t in T.unroll(KT):
+                                for u in T.vectorized(KB):
+                                    s4[t, u] = s4[t, u] + q[b, h, i, cc] * kv[0, b, h, cc * L + base + jb * STEP + t * KB + u]
+                        for t in T.unroll(KT):
+                            for u in T.vectorized(KB):
+                                sc[jb * STEP + t * KB + u] = s4[t, u]
+                    for u in T.vectorized(KB):
+                        vmax[u] = T.float32(NEG_INF)
+                    for jb in range((cnt + KB - 1) // KB):
+                        for u in T.vectorized(KB):
+                            vmax[u] = T.max(vmax[u], T.if_then_else(jb * KB + u < cnt, sc[jb * KB + u], T.float32(NEG_INF)))
+                    m_new = T.max(m[0], T.max(T.max(T.max(vmax[0], vmax[1]), T.max(vmax[2], vmax[3])),
+                                              T.max(T.max(vmax[4], vmax[5]), T.max(vmax[6], vmax[7]))))
+                    corr[0] = T.exp(m[0] - m_new)
+                    for u in T.vectorized(KB):
+                        lsum[u] = T.float32(0)
+                    for jb in range((cnt + KB - 1) // KB):
+                        for u in T.vectorized(KB):
+                            sc[jb * KB + u] = T.if_then_else(jb * KB + u < cnt, fast_exp(sc[jb * KB + u] - m_new), T.float32(0))
+                            lsum[u] = lsum[u] + sc[jb * KB + u]
+                    l[0] = l[0] * corr[0] + (lsum[0] + lsum[1] + lsum[2] + lsum[3] + lsum[4] + lsum[5] + lsum[6] + lsum[7])
+                    m[0] = m_new
+                    for cc in T.vectorized(c):
+                        acc[cc] = acc[cc] * corr[0]
+                    for j in range(cnt):
+                        for ch in T.unroll(c // lanes):
+                            for u in T.vectorized(lanes):
+                                acc[ch * lanes + u] = acc[ch * lanes + u] + sc[j] * kv[1, b, h, (base + j) * c + ch * lanes + u]
+                    if share == "map":
+                        for cc in T.vectorized(c):
+                            acc_u[cc] = acc_u[cc] * corr[0]
+                        for j in range(cnt):
+                            for ch in T.unroll(c // lanes):
+                                for u in T.vectorized(lanes):
+                                    acc_u[ch * lanes + u] = (acc_u[ch * lanes + u]
+                                                             + sc[j] * kv[1, b + half, h, (base + j) * c + ch * lanes + u])
+            for cc in T.vectorized(c):
+                out[b, h, i, cc] = acc[cc] / l[0]
+            if share == "map":
+                for cc in T.vectorized(c):
+                    out[b + half, h, i, cc] = acc_u[cc] / l[0]
+            if share == "output":
+                for cc in T.vectorized(c):
+                    out[b + half, h, i, cc] = acc[cc] / l[0]
+
+    return attention.with_attr("tirx.is_scheduled", True)
+
+
+@lru_cache(maxsize=None)
+def _attention_gpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None,
+                   threads: int = 64, bound: bool = True):
+    """bound=False: the same loops unbound, so that tests can run the GPU variant on a CPU."""
+    half = NB // 2 if share else NB
+    rows = half * H * n
+    blocks = (rows + threads - 1) // threads
+    outer = (lambda e: T.thread_binding(e, thread="blockIdx.x")) if bound else T.serial  # noqa: E731
+    inner = (lambda e: T.thread_binding(e, thread="threadIdx.x")) if bound else T.serial  # noqa: E731
+
+    @T.prim_func(private=True)
+    def attention(q: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
+                  kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
                   win: T.Buffer((T.int64(S), T.int64(H), T.int64(S)), "int32"),
                   geom: T.Buffer((T.int64(S), T.int64(2)), "int32"),
                   out: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
@@ -74,44 +210,34 @@ def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
                 r = bx * threads + tx
                 if r < rows:
                     b = r // (H * n)
-                    h = (r // n) % H
+                    h = r // n % H
                     i = r % n
                     m = T.decl_buffer((1,), "float32", scope="local")
                     l = T.decl_buffer((1,), "float32", scope="local")
-                    part = T.decl_buffer((lanes,), "float32", scope="local")
                     s = T.decl_buffer((1,), "float32", scope="local")
                     acc = T.decl_buffer((c,), "float32", scope="local")
-                    acc_u = T.decl_buffer((c,), "float32", scope="local")  # ASC "map": the other half
+                    acc_u = T.decl_buffer((c,), "float32", scope="local")
                     m[0] = T.float32(NEG_INF)
                     l[0] = T.float32(0)
                     for cc in range(c):
                         acc[cc] = T.float32(0)
                         acc_u[cc] = T.float32(0)
                     for ks in range(qs + 1):
-                        w = win[qs, h, ks]
+                        lo, hi = key_run(i, n, geom[ks, 1], win[qs, h, ks])
                         beg = geom[ks, 0]
-                        nk = geom[ks, 1]
-                        # first and one-past-last kept key: lo = ceil((i·nk − w·n + 1)/n), hi = ⌊(i·nk + w·n − 1)/n⌋ + 1
-                        lo = T.if_then_else(w < 0, 0, T.max(0, T.floordiv(i * nk - w * n + n, n)))
-                        hi = T.if_then_else(w < 0, nk, T.min(nk, T.floordiv(i * nk + w * n - 1, n) + 1))
                         for j in range(lo, hi):
-                            for u in vec(lanes):
-                                part[u] = T.float32(0)
-                            for ch in range(chunks):
-                                for u in vec(lanes):
-                                    part[u] = part[u] + q[b, h, i, ch * lanes + u] * kv[0, b, h, beg + j, ch * lanes + u]
                             s[0] = T.float32(0)
-                            for u in T.unroll(lanes):
-                                s[0] = s[0] + part[u]
+                            for cc in range(c):
+                                s[0] = s[0] + q[b, h, i, cc] * kv[0, b, h, cc * L + beg + j]
                             m_new = T.max(m[0], s[0])
                             corr = T.exp(m[0] - m_new)
                             p = T.exp(s[0] - m_new)
                             l[0] = l[0] * corr + p
-                            for cc in vec(c):
-                                acc[cc] = acc[cc] * corr + p * kv[1, b, h, beg + j, cc]
+                            for cc in range(c):
+                                acc[cc] = acc[cc] * corr + p * kv[1, b, h, (beg + j) * c + cc]
                             if share == "map":
-                                for cc in vec(c):
-                                    acc_u[cc] = acc_u[cc] * corr + p * kv[1, b + half, h, beg + j, cc]
+                                for cc in range(c):
+                                    acc_u[cc] = acc_u[cc] * corr + p * kv[1, b + half, h, (beg + j) * c + cc]
                             m[0] = m_new
                     for cc in range(c):
                         out[b, h, i, cc] = acc[cc] / l[0]

@@ -175,7 +175,7 @@ def attention_engines(width: int, heads: int, pns) -> tuple[dict, dict]:
     ends = np.cumsum([p * p for p in pns])
     geom = np.stack([ends - np.array(pns) ** 2, np.array(pns) ** 2], 1).astype(np.int32)
     out = tvm.runtime.empty((NB, H, n, c), "float32", tvm.cpu())
-    q_t, kv_t, geom_t = tensors(q, kv, geom)
+    q_t, kv_t, geom_t = tensors(q, attention.cache_of(kv), geom)
     engines, kept = {}, {}
     cases = [("dense", None, None)] + [(f"MDWA w={w}", w, None) for w in WINDOWS]
     cases += [(f"MDWA w={WINDOWS[1]} + ASC {s}", WINDOWS[1], s) for s in ("map", "output")]

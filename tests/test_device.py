@@ -29,7 +29,7 @@ def test_filtering_matches_the_reference_sampler(top_k, top_p):
     ref = torch.isfinite(filter_top_k_top_p(logits, top_k, top_p)).numpy()
     ours = np.isfinite(filter_logits(logits.numpy(), top_k, top_p))
     assert np.array_equal(ref, ours)
-    assert np.array_equal(ref, keep_mask(logits.numpy(), top_k, top_p))   # what sample_tokens uses
+    assert np.array_equal(ref, keep_mask(logits.numpy(), top_k, top_p))   # the rule sample_tokens follows
 
 
 def test_greedy_is_argmax_and_sampling_follows_the_distribution():

@@ -120,7 +120,9 @@ def reference_attention(q, kv, win, pns, qs, share):
 
 @pytest.mark.parametrize("share", [None, "map", "output"])
 @pytest.mark.parametrize("c", [8, 6])
-def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c):
+@pytest.mark.parametrize("gpu_variant", [False, True], ids=["cpu", "gpu-loops"])
+def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c, gpu_variant):
+    """The GPU variant's loops run here too, with its thread bindings as plain loops."""
     pns = [1, 2, 3, 4]
     S, H, NB, qs = 4, 3, 4, 3
     L = sum(p * p for p in pns)
@@ -134,23 +136,39 @@ def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c):
     win[qs, 2] = [-1, -1, -1, 16]  # a window wider than the scale: dense
     ends = np.cumsum([p * p for p in pns])
     geom = np.stack([ends - np.array(pns) ** 2, np.array(pns) ** 2], 1).astype(np.int32)
-    (out,) = run(attention.windowed_attention(NB, H, n, c, L, S, qs, share), q, kv, win, geom,
-                 out=[((NB, H, n, c), "float32")])
+    if gpu_variant:
+        func = attention._attention_gpu(NB, H, n, c, L, S, qs, share, bound=False)
+    else:
+        func = attention.windowed_attention(NB, H, n, c, L, S, qs, share)
+    (out,) = run(func, q, attention.cache_of(kv), win, geom, out=[((NB, H, n, c), "float32")])
     np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
 
 
 def test_kv_write_fills_only_its_scale():
     NB, H, n, c, L, begin = 2, 2, 4, 8, 14, 5
-    kv = np.full((2, NB, H, L, c), 7.0, np.float32)
+    before = np.full((2, NB, H, L, c), 7.0, np.float32)
     k = np.random.default_rng(0).standard_normal((NB, H, n, c)).astype(np.float32)
     f = attention.kv_write(NB, H, n, c, L, begin).with_attr("global_symbol", "f")
     ex = tvm.compile(tvm.IRModule({"f": f}), target=TARGET)
-    kv_t = tvm.runtime.tensor(kv, DEV)
+    kv_t = tvm.runtime.tensor(attention.cache_of(before), DEV)
     ex["f"](kv_t, tvm.runtime.tensor(k, DEV), tvm.runtime.tensor(-k, DEV))
-    got = kv_t.numpy()
-    np.testing.assert_array_equal(got[0, :, :, begin:begin + n], k)
-    np.testing.assert_array_equal(got[1, :, :, begin:begin + n], -k)
-    assert (got[:, :, :, :begin] == 7).all() and (got[:, :, :, begin + n:] == 7).all()
+    want = before.copy()
+    want[0, :, :, begin:begin + n], want[1, :, :, begin:begin + n] = k, -k
+    np.testing.assert_array_equal(kv_t.numpy(), attention.cache_of(want))
+
+
+def test_fast_exp_is_as_accurate_as_float32_exp():
+    x = np.concatenate([-np.geomspace(1e-8, 86, 20000), [0.0, -87.0, -100.0, -3e38]]).astype(np.float32)
+
+    @tvm.script.tirx.prim_func(private=True)
+    def f(a: tvm.script.tirx.Buffer((x.size,), "float32"), b: tvm.script.tirx.Buffer((x.size,), "float32")):
+        for i in range(x.size):
+            b[i] = attention.fast_exp(a[i])
+    (y,) = run(f, x, out=[((x.size,), "float32")])
+    want = np.exp(x.astype(np.float64))
+    ok = x >= -87
+    np.testing.assert_allclose(y[ok], want[ok], rtol=4e-7)
+    assert (y[~ok] < 2e-38).all() and (y >= 0).all()
 
 
 @pytest.mark.parametrize("B,Ci,H,W,Co,k", [(1, 5, 16, 16, 8, 3), (2, 3, 6, 10, 7, 3), (1, 4, 8, 8, 12, 1)])

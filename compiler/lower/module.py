@@ -21,6 +21,7 @@ from tvm.relax.frontend.nn import spec
 
 from compiler.lower.var_graph import VARGraph
 from compiler.lower.vqvae_graph import VQVAEGraph
+from schedules.attention import cache_row
 
 
 class GenerationModule(nn.Module):
@@ -62,7 +63,8 @@ class GenerationModule(nn.Module):
         cfg, B = self.cfg, batch
         NB, C, P = 2 * B, cfg.width, cfg.patch_nums[-1]
         f32 = "float32"
-        kv = {f"kv_{d}": spec.Tensor([2, NB, cfg.heads, cfg.seq_len, cfg.head_dim], f32) for d in range(cfg.depth)}
+        row = cache_row(cfg.seq_len, cfg.head_dim)   # keys transposed, then values (schedules/attention.py)
+        kv = {f"kv_{d}": spec.Tensor([2, NB, cfg.heads, row], f32) for d in range(cfg.depth)}
         f_hat = spec.Tensor([B, cfg.cvae, P, P], f32)
         plain = {"$": {"param_mode": "plain", "effect_mode": "none"}}
         out = {"embed": {"labels": spec.Tensor([NB], "int32"), **plain}}
