@@ -21,6 +21,9 @@ class OnnxVAR:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # ORT's idle workers spin by default: in a benchmark process they starve the engine
+        # timed next (the compiled build ran 6× slower right after ORT). Sleep when idle.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {g: ort.InferenceSession(str(d / f"{g}.onnx"), opts, providers=["CPUExecutionProvider"])
                          for g in m["graphs"]}
         model = m["model"]

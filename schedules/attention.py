@@ -8,14 +8,16 @@ One kernel covers the three cases of a plan:
 - ASC: under CFG the conditional half computes the softmax weights once; "map" applies them to
   both halves' values, "output" copies the conditional output to the unconditional half.
 
-Cache layout, per block: 2 × NB × H × (L·c + 32), keys transposed (K[b, h] is c × L) and values
+Cache layout, per block: 2 × NB × H × (L·c + 16), keys transposed (K[b, h] is c × L) and values
 row-major (V[b, h] is L × c). Transposed keys let the CPU kernel compute the scores of 8
-consecutive keys as one vector, with no horizontal sums; the 32 spare floats keep the last
-step of scores inside the row.
+consecutive keys as one vector, with no horizontal sums; the spare floats keep the last step
+of scores inside the row.
 
-CPU: one parallel task per (batch, head, query) row. Per key run: scores of 32 keys at a time
-(4 vectors of 8), then one softmax rescale for the whole run, weights by a vectorised polynomial exp, and
-acc += p·V vectorised over channels. GPU: one thread per row with a per-key online softmax (no
+CPU: one parallel task per (batch, head, block of 4 query rows); the rows of a block keep
+overlapping key runs, so the task computes their union once per key scale and masks each row
+to its own run. Scores come 16 keys × 4 rows per step (8 vector accumulators sharing each key
+load), then one softmax rescale per row and run, weights by a vectorised polynomial exp, and
+acc += p·V, 16 channels × 4 rows at a time, sharing each value load. GPU: one thread per row with a per-key online softmax (no
 score buffer in registers).
 """
 from __future__ import annotations
@@ -27,8 +29,9 @@ from tvm.script import tirx as T
 
 NEG_INF = -3.0e38
 KB = 8                # keys per score vector (AVX2: one register)
-KT = 4                # score vectors per step: independent FMA chains sharing each q broadcast
+KT = 2                # score vectors per step and query row
 STEP = KB * KT        # keys per step
+QB = 4                # query rows per task: QB × KT score vectors in registers share each key load
 
 
 def cache_row(L: int, c: int) -> int:
@@ -46,8 +49,9 @@ def key_run(i, n, nk, w):
 
 def fast_exp(x):
     """exp(x) for x ≤ 0 in float32 lanes: 2ⁿ·p(r) with x = n·ln2 + r, |r| ≤ ln2/2, p of degree 7
-    (relative error ~2e-7, like float32 expf); x below −87 gives ~1e-38 instead of 0."""
-    x = tirx.max(x, tirx.const(-87.0, "float32"))
+    (relative error ~2e-7, like float32 expf); x below −87 gives ~1e-38 instead of 0, x above 0
+    (only in lanes a Select discards) gives 1."""
+    x = tirx.min(tirx.max(x, tirx.const(-87.0, "float32")), tirx.const(0.0, "float32"))
     n = tirx.floor(x * tirx.const(1.4426950408889634, "float32") + tirx.const(0.5, "float32"))
     r = x - n * tirx.const(0.693359375, "float32") + n * tirx.const(2.12194440e-4, "float32")
     p = tirx.const(1.9875691500e-4, "float32")
@@ -101,8 +105,10 @@ def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
 @lru_cache(maxsize=None)
 def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None):
     half = NB // 2 if share else NB
-    rows = half * H * n
-    lanes = 8 if c % 8 == 0 else 1
+    blocks = (n + QB - 1) // QB                  # query blocks per (batch, head)
+    lanes = KB if c % KB == 0 else 1
+    cw = 2 * lanes if c % (2 * lanes) == 0 else lanes   # channels per p·V pass: QB × cw/8 accumulators
+    steps = lambda cnt, size: (cnt + size - 1) // size  # noqa: E731
 
     @T.prim_func(private=True)
     def attention(q: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
@@ -111,79 +117,109 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                   geom: T.Buffer((T.int64(S), T.int64(2)), "int32"),
                   out: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        for r in T.parallel(rows):
-            b = r // (H * n)
-            h = r // n % H
-            i = r % n
-            m = T.decl_buffer((1,), "float32", scope="local")
-            l = T.decl_buffer((1,), "float32", scope="local")
-            corr = T.decl_buffer((1,), "float32", scope="local")
-            sc = T.decl_buffer((L + STEP,), "float32", scope="local")   # scores, then weights, of one run
-            s4 = T.decl_buffer((KT, KB), "float32", scope="local")
-            lsum = T.decl_buffer((KB,), "float32", scope="local")
-            vmax = T.decl_buffer((KB,), "float32", scope="local")
-            acc = T.decl_buffer((c,), "float32", scope="local")
-            acc_u = T.decl_buffer((c,), "float32", scope="local")    # ASC "map": the other half
-            m[0] = T.float32(NEG_INF)
-            l[0] = T.float32(0)
-            for cc in T.vectorized(c):
-                acc[cc] = T.float32(0)
-                acc_u[cc] = T.float32(0)
+        for task in T.parallel(half * H * blocks):
+            b = task // (H * blocks)
+            h = task // blocks % H
+            i0 = task % blocks * QB
+            m = T.decl_buffer((QB,), "float32", scope="local")
+            l = T.decl_buffer((QB,), "float32", scope="local")
+            corr = T.decl_buffer((QB,), "float32", scope="local")
+            sc = T.decl_buffer((QB, L + STEP), "float32", scope="local")   # scores, then weights, of one run
+            s8 = T.decl_buffer((QB, KT, KB), "float32", scope="local")
+            red = T.decl_buffer((KB,), "float32", scope="local")
+            pv = T.decl_buffer((QB, cw), "float32", scope="local")
+            acc = T.decl_buffer((QB, c), "float32", scope="local")
+            acc_u = T.decl_buffer((QB, c), "float32", scope="local")      # ASC "map": the other half
+            for r in T.unroll(QB):
+                m[r] = T.float32(NEG_INF)
+                l[r] = T.float32(0)
+                for cc in T.vectorized(c):
+                    acc[r, cc] = T.float32(0)
+                    acc_u[r, cc] = T.float32(0)
             for ks in range(qs + 1):
-                lo, hi = key_run(i, n, geom[ks, 1], win[qs, h, ks])
-                cnt = hi - lo
+                w = win[qs, h, ks]
+                nk = geom[ks, 1]
+                # the block's rows keep overlapping runs (lo and hi grow with i): compute their union
+                lo = key_run(i0, n, nk, w)[0]
+                cnt = key_run(T.min(i0 + QB - 1, n - 1), n, nk, w)[1] - lo
                 base = geom[ks, 0] + lo
                 if cnt > 0:
-                    # scores of 32 consecutive keys per step (past the run: masked below)
-                    for jb in range((cnt + STEP - 1) // STEP):
-                        for t in T.unroll(KT):
-                            for u in T.vectorized(KB):
-                                s4[t, u] = T.float32(0)
-                        for cc in range(c):
+                    # scores: QB rows × 16 keys per step, each key vector loaded once for all rows
+                    for jb in range(steps(cnt, STEP)):
+                        for r in T.unroll(QB):
                             for t in T.unroll(KT):
                                 for u in T.vectorized(KB):
-                                    s4[t, u] = s4[t, u] + q[b, h, i, cc] * kv[0, b, h, cc * L + base + jb * STEP + t * KB + u]
-                        for t in T.unroll(KT):
+                                    s8[r, t, u] = T.float32(0)
+                        for cc in range(c):
+                            for r in T.unroll(QB):
+                                for t in T.unroll(KT):
+                                    for u in T.vectorized(KB):
+                                        s8[r, t, u] = s8[r, t, u] + q[b, h, T.min(i0 + r, n - 1), cc] * kv[
+                                            0, b, h, cc * L + base + jb * STEP + t * KB + u]
+                        for r in T.unroll(QB):
+                            for t in T.unroll(KT):
+                                for u in T.vectorized(KB):
+                                    sc[r, jb * STEP + t * KB + u] = s8[r, t, u]
+                    # per row: its own run inside the union, the online-softmax rescale, the weights
+                    for r in range(QB):
+                        row_lo, row_hi = key_run(T.min(i0 + r, n - 1), n, nk, w)
+                        for u in T.vectorized(KB):
+                            red[u] = T.float32(NEG_INF)
+                        for jb in range(steps(cnt, KB)):
                             for u in T.vectorized(KB):
-                                sc[jb * STEP + t * KB + u] = s4[t, u]
-                    for u in T.vectorized(KB):
-                        vmax[u] = T.float32(NEG_INF)
-                    for jb in range((cnt + KB - 1) // KB):
+                                red[u] = T.max(red[u], T.Select(
+                                    (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
+                                    sc[r, jb * KB + u], T.float32(NEG_INF)))
+                        m_new = T.max(m[r], T.max(T.max(T.max(red[0], red[1]), T.max(red[2], red[3])),
+                                                  T.max(T.max(red[4], red[5]), T.max(red[6], red[7]))))
+                        corr[r] = fast_exp(m[r] - m_new)
                         for u in T.vectorized(KB):
-                            vmax[u] = T.max(vmax[u], T.if_then_else(jb * KB + u < cnt, sc[jb * KB + u], T.float32(NEG_INF)))
-                    m_new = T.max(m[0], T.max(T.max(T.max(vmax[0], vmax[1]), T.max(vmax[2], vmax[3])),
-                                              T.max(T.max(vmax[4], vmax[5]), T.max(vmax[6], vmax[7]))))
-                    corr[0] = T.exp(m[0] - m_new)
-                    for u in T.vectorized(KB):
-                        lsum[u] = T.float32(0)
-                    for jb in range((cnt + KB - 1) // KB):
-                        for u in T.vectorized(KB):
-                            sc[jb * KB + u] = T.if_then_else(jb * KB + u < cnt, fast_exp(sc[jb * KB + u] - m_new), T.float32(0))
-                            lsum[u] = lsum[u] + sc[jb * KB + u]
-                    l[0] = l[0] * corr[0] + (lsum[0] + lsum[1] + lsum[2] + lsum[3] + lsum[4] + lsum[5] + lsum[6] + lsum[7])
-                    m[0] = m_new
+                            red[u] = T.float32(0)
+                        for jb in range(steps(cnt, KB)):
+                            for u in T.vectorized(KB):
+                                # Select, not if_then_else: TVM scalarises a vector if_then_else
+                                sc[r, jb * KB + u] = T.Select(
+                                    (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
+                                    fast_exp(sc[r, jb * KB + u] - m_new), T.float32(0))
+                                red[u] = red[u] + sc[r, jb * KB + u]
+                        l[r] = l[r] * corr[r] + (red[0] + red[1] + red[2] + red[3] + red[4] + red[5] + red[6] + red[7])
+                        m[r] = m_new
+                        for cc in T.vectorized(c):
+                            acc[r, cc] = acc[r, cc] * corr[r]
+                            acc_u[r, cc] = acc_u[r, cc] * corr[r]
+                    # acc += p·V, cw channels at a time: each value vector loaded once for all rows
+                    for ch in range(c // cw):
+                        for r in T.unroll(QB):
+                            for u in T.vectorized(cw):
+                                pv[r, u] = T.float32(0)
+                        for j in range(cnt):
+                            for r in T.unroll(QB):
+                                for u in T.vectorized(cw):
+                                    pv[r, u] = pv[r, u] + sc[r, j] * kv[1, b, h, (base + j) * c + ch * cw + u]
+                        for r in T.unroll(QB):
+                            for u in T.vectorized(cw):
+                                acc[r, ch * cw + u] = acc[r, ch * cw + u] + pv[r, u]
+                        if share == "map":
+                            for r in T.unroll(QB):
+                                for u in T.vectorized(cw):
+                                    pv[r, u] = T.float32(0)
+                            for j in range(cnt):
+                                for r in T.unroll(QB):
+                                    for u in T.vectorized(cw):
+                                        pv[r, u] = pv[r, u] + sc[r, j] * kv[1, b + half, h, (base + j) * c + ch * cw + u]
+                            for r in T.unroll(QB):
+                                for u in T.vectorized(cw):
+                                    acc_u[r, ch * cw + u] = acc_u[r, ch * cw + u] + pv[r, u]
+            for r in range(QB):
+                if i0 + r < n:
                     for cc in T.vectorized(c):
-                        acc[cc] = acc[cc] * corr[0]
-                    for j in range(cnt):
-                        for ch in T.unroll(c // lanes):
-                            for u in T.vectorized(lanes):
-                                acc[ch * lanes + u] = acc[ch * lanes + u] + sc[j] * kv[1, b, h, (base + j) * c + ch * lanes + u]
+                        out[b, h, i0 + r, cc] = acc[r, cc] / l[r]
                     if share == "map":
                         for cc in T.vectorized(c):
-                            acc_u[cc] = acc_u[cc] * corr[0]
-                        for j in range(cnt):
-                            for ch in T.unroll(c // lanes):
-                                for u in T.vectorized(lanes):
-                                    acc_u[ch * lanes + u] = (acc_u[ch * lanes + u]
-                                                             + sc[j] * kv[1, b + half, h, (base + j) * c + ch * lanes + u])
-            for cc in T.vectorized(c):
-                out[b, h, i, cc] = acc[cc] / l[0]
-            if share == "map":
-                for cc in T.vectorized(c):
-                    out[b + half, h, i, cc] = acc_u[cc] / l[0]
-            if share == "output":
-                for cc in T.vectorized(c):
-                    out[b + half, h, i, cc] = acc[cc] / l[0]
+                            out[b + half, h, i0 + r, cc] = acc_u[r, cc] / l[r]
+                    if share == "output":
+                        for cc in T.vectorized(c):
+                            out[b + half, h, i0 + r, cc] = acc[r, cc] / l[r]
 
     return attention.with_attr("tirx.is_scheduled", True)
 

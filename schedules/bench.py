@@ -34,7 +34,7 @@ from schedules import attention, matmul, qmatmul
 
 SHAPES = {  # width, heads, MLP hidden, vocabulary, patch_nums
     "d16": (1024, 16, 4096, 4096, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
-    "demo": (256, 4, 1024, 512, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
+    "demo": (128, 2, 512, 1024, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
 }
 WINDOWS = (64, 16, 4)      # band half-widths (in key tokens of the query's own scale) to measure
 DENSE_SCALES = 3           # key scales 0–2 stay dense, as LiteVAR keeps them
@@ -184,7 +184,9 @@ def attention_engines(width: int, heads: int, pns) -> tuple[dict, dict]:
         f = compile_kernel(attention.windowed_attention(NB, H, n, c, L, S, qs, share))
         (win_t,) = tensors(win)
         engines[name] = lambda f=f, w=win_t: f(q_t, kv_t, w, geom_t, out)
-        kept[name] = frac / (2 if share else 1)   # ASC: one CFG half computes the weights
+        # ASC: one CFG half computes the scores and weights; "map" still applies them to both
+        # halves' values (half the work is q·k, half p·v), "output" copies the result
+        kept[name] = frac * {None: 1.0, "map": 0.75, "output": 0.5}[share]
     qt, kt, vt = (torch.from_numpy(a) for a in (q, kv[0], kv[1]))
     engines["torch SDPA (dense)"] = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
     kept["torch SDPA (dense)"] = 1.0
