@@ -39,7 +39,7 @@ from device.runtime import SCHEMA, VERSION
 from schedules.attention import cache_row
 import targets
 
-COMPILED_SCHEMES = ("fp32", "w8a8")
+COMPILED_SCHEMES = ("fp32", "w8a8", "w4a16", "w4a8")
 
 
 def check_compilable(plan, where):

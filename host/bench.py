@@ -13,6 +13,7 @@ made when not given.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -149,6 +150,8 @@ def measure(args, var, vae, log) -> dict:
             times[name].append(time.perf_counter() - t0)
             log(f"image {i + 1}/{args.images} {name}: {times[name][-1]:.3f} s")
     med = {name: statistics.median(t) for name, t in times.items()}
+    del engines, run   # d16: ONNX Runtime alone holds ~12 GB; free it before the memory children load theirs
+    gc.collect()
     peak = {name: peak_rss_mb(name, args) for name in ENGINES}
     return {
         "model": args.model, "target": args.target, "images": args.images, "batch": 1, "cfg": 4.0,

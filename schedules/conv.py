@@ -8,59 +8,54 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from tvm import s_tir
 from tvm.script import tirx as T
 
 from schedules.matmul import row_tile
 
 
-@lru_cache(maxsize=None)  # one parse and schedule per shape
+@lru_cache(maxsize=None)  # one parse per shape
 def conv2d(B: int, Ci: int, H: int, W: int, Co: int, k: int):
-    """x B×Ci×H×W, w Co×Ci×k×k, b Co → y B×Co×H×W (zero padding k//2, stride 1)."""
+    """x B×Ci×H×W, w Co×Ci×k×k, b Co → y B×Co×H×W (zero padding k//2, stride 1).
+
+    Written already scheduled: the padded input is copied once, then one parallel task per
+    (image, tile of `mi` output channels, output row) keeps an mi × lanes accumulator tile in
+    registers through the whole Ci·k·k reduction of each strip of `lanes` pixels."""
     p = k // 2
     Hp, Wp = H + 2 * p, W + 2 * p
     lanes = next((v for v in (16, 8) if W % v == 0), 1)
+    mi = row_tile(Co)
+    i64 = T.int64
 
-    @T.prim_func(private=True, s_tir=True)
-    def conv(x: T.Buffer((T.int64(B), T.int64(Ci), T.int64(H), T.int64(W)), "float32"),
-             w: T.Buffer((T.int64(Co), T.int64(Ci), T.int64(k), T.int64(k)), "float32"),
-             b: T.Buffer((T.int64(Co),), "float32"),
-             y: T.Buffer((T.int64(B), T.int64(Co), T.int64(H), T.int64(W)), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        xp = T.alloc_buffer((T.int64(B), T.int64(Ci), T.int64(Hp), T.int64(Wp)), "float32")
-        acc = T.alloc_buffer((T.int64(B), T.int64(Co), T.int64(H), T.int64(W)), "float32")
-        for n, c, i, j in T.grid(T.int64(B), T.int64(Ci), T.int64(Hp), T.int64(Wp)):
-            with T.sblock("pad"):
-                vn, vc, vi, vj = T.axis.remap("SSSS", [n, c, i, j])
-                xp[vn, vc, vi, vj] = T.if_then_else(
-                    vi >= T.int64(p) and vi < T.int64(H + p) and vj >= T.int64(p) and vj < T.int64(W + p),
-                    x[vn, vc, vi - T.int64(p), vj - T.int64(p)], T.float32(0))
-        for n, o, i, j, c, r, s in T.grid(T.int64(B), T.int64(Co), T.int64(H), T.int64(W), T.int64(Ci),
-                                          T.int64(k), T.int64(k)):
-            with T.sblock("conv"):
-                vn, vo, vi, vj, vc, vr, vs = T.axis.remap("SSSSRRR", [n, o, i, j, c, r, s])
-                with T.init():
-                    acc[vn, vo, vi, vj] = T.float32(0)
-                acc[vn, vo, vi, vj] = acc[vn, vo, vi, vj] + xp[vn, vc, vi + vr, vj + vs] * w[vo, vc, vr, vs]
-        for n, o, i, j in T.grid(T.int64(B), T.int64(Co), T.int64(H), T.int64(W)):
-            with T.sblock("bias"):
-                vn, vo, vi, vj = T.axis.remap("SSSS", [n, o, i, j])
-                y[vn, vo, vi, vj] = acc[vn, vo, vi, vj] + b[vo]
+    @T.prim_func(private=True)
+    def conv(x: T.Buffer((i64(B), i64(Ci), i64(H), i64(W)), "float32"),
+             w: T.Buffer((i64(Co), i64(Ci), i64(k), i64(k)), "float32"),
+             b: T.Buffer((i64(Co),), "float32"),
+             y: T.Buffer((i64(B), i64(Co), i64(H), i64(W)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        xp = T.decl_buffer((B, Ci, Hp, Wp), "float32")
+        for nc in T.parallel(B * Ci):
+            for i in range(Hp):
+                for j in range(Wp):
+                    xp[nc // Ci, nc % Ci, i, j] = T.Select((i >= p) & (i < H + p) & (j >= p) & (j < W + p),
+                                                           x[nc // Ci, nc % Ci, T.max(i - p, 0), T.max(j - p, 0)],
+                                                           T.float32(0))
+        for task in T.parallel(B * (Co // mi) * H):
+            n = task // ((Co // mi) * H)
+            o0 = task // H % (Co // mi) * mi
+            i = task % H
+            acc = T.decl_buffer((mi, lanes), "float32", scope="local")
+            for jo in range(W // lanes):
+                for oi in T.unroll(mi):
+                    for u in T.vectorized(lanes):
+                        acc[oi, u] = T.float32(0)
+                for c in range(Ci):
+                    for r in T.unroll(k):
+                        for s in T.unroll(k):
+                            for oi in T.unroll(mi):
+                                for u in T.vectorized(lanes):
+                                    acc[oi, u] = acc[oi, u] + xp[n, c, i + r, jo * lanes + s + u] * w[o0 + oi, c, r, s]
+                for oi in T.unroll(mi):
+                    for u in T.vectorized(lanes):
+                        y[n, o0 + oi, i, jo * lanes + u] = acc[oi, u] + b[o0 + oi]
 
-    sch = s_tir.Schedule(conv)
-    blk = sch.get_sblock("conv")
-    n, o, i, j, c, r, s = sch.get_loops(blk)
-    oo, oi = sch.split(o, [None, row_tile(Co)])
-    jo, ji = sch.split(j, [None, lanes])
-    sch.reorder(n, oo, i, jo, c, r, s, oi, ji)
-    out = sch.get_sblock("bias")
-    sch.reverse_compute_at(out, jo)
-    sch.vectorize(ji)
-    sch.unroll(oi)
-    sch.unroll(s)
-    sch.vectorize(sch.get_loops(out)[-1])
-    sch.parallel(sch.fuse(n, oo, i))
-    sch.decompose_reduction(blk, c)
-    pad = sch.get_sblock("pad")
-    sch.parallel(sch.fuse(*sch.get_loops(pad)[:2]))
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+    return conv.with_attr("tirx.is_scheduled", True)

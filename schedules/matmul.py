@@ -129,3 +129,23 @@ def quantize_per_token(M: int, K: int, gpu: bool = False):
         for name in ("amax", "round"):
             sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+@lru_cache(maxsize=None)
+def add_bias_gpu(M: int, O: int):
+    """y + b in a kernel of its own (opaque to FuseOps): fused into the W8A8 epilogue, the add
+    would be contracted with the last scale multiply into one FMA by nvcc and differ from the
+    simulation's y·s_w + b in the last bit, which flips int8 roundings downstream."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def add_bias(y: T.Buffer((T.int64(M), T.int64(O)), "float32"), b: T.Buffer((T.int64(O),), "float32"),
+                 out: T.Buffer((T.int64(M), T.int64(O)), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for i, j in T.grid(T.int64(M), T.int64(O)):
+            with T.sblock("add"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                out[vi, vj] = y[vi, vj] + b[vj]
+
+    sch = s_tir.Schedule(add_bias)
+    bind_threads(sch, sch.fuse(*sch.get_loops(sch.get_sblock("add"))))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)

@@ -82,7 +82,8 @@ class Dense(nn.Module):
                                 placeholder([M, O]))
             return op.add(y, self.b)
         acc = op.matmul(xq, self.wp, out_dtype="int32")
-        return op.add(op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw), self.b)
+        y = op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw)
+        return op.tensor_ir_op(matmul.add_bias_gpu(M, O), "add_bias", [y, self.b], placeholder([M, O]))
 
 
 def quantize(x2, M, K, gpu):
