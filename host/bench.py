@@ -82,13 +82,13 @@ def ensure_artifacts(args, var, vae, work: Path, log):
     from compiler.build import build, check_compilable
     from compiler.compress.plan import load_plan
     from compiler.export_onnx import export
-    if args.onnx is None:
+    if args.onnx is None and "onnxruntime" in args.engines:
         log("exporting the ONNX graphs")
         args.onnx = export(var, vae, 1, work / "onnx", log=log)
-    if args.dense_artifact is None:
+    if args.dense_artifact is None and "tvm_dense" in args.engines:
         log("building the dense artifact")
         args.dense_artifact = build(var, vae, None, args.target, 1, work / "dense", log=log)
-    if args.plan_artifact is None:
+    if args.plan_artifact is None and "tvm_plan" in args.engines:
         plan_path = args.plan or DEFAULT_PLAN[args.model]
         if plan_path is None:
             raise UserError(f"--model {args.model}: give --plan (or --plan-artifact)")
@@ -109,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--dense-artifact", type=Path, help="reuse a dense build of the same model")
     ap.add_argument("--plan-artifact", type=Path, help="reuse a plan build of the same model")
     ap.add_argument("--onnx", type=Path, help="reuse an ONNX export of the same model (compiler.export_onnx)")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help=f"comma-separated engines to time (default all: {','.join(ENGINES)}); pytorch is the baseline "
+                         "and always runs. At d16, ONNX Runtime holds ~12 GB: leave it out on small machines")
     ap.add_argument("--memory-of", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True, help="bench.json to write")
     args = ap.parse_args(argv)
@@ -126,23 +129,28 @@ def main(argv=None):
 
     if args.images < 5:
         raise UserError(f"--images must be at least 5 for a median, got {args.images}")
+    chosen = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in chosen if e not in ENGINES]
+    if unknown:
+        raise UserError(f"--engines: unknown engine {unknown[0]!r}; known: {', '.join(ENGINES)}")
+    args.engines = tuple(e for e in ENGINES if e in chosen or e == "pytorch")
     var, vae = load_reference(args.model)
     with tempfile.TemporaryDirectory(prefix="bench-artifacts-") as work:
         ensure_artifacts(args, var, vae, Path(work), log)
         result = measure(args, var, vae, log)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
-    for name in ENGINES:
+    for name in args.engines:
         print(f"{name:10s} {result['all_median_s'][name]:.3f} s/image  peak {result['peak_mb'][name]:.0f} MB  "
               f"({result['pytorch_s'] / result['all_median_s'][name]:.2f}x PyTorch)")
 
 
 def measure(args, var, vae, log) -> dict:
     artifacts = {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact, "onnxruntime": args.onnx}
-    engines = {name: make_engine(name, var, vae, artifacts) for name in ENGINES}
+    engines = {name: make_engine(name, var, vae, artifacts) for name in args.engines}
     for name, run in engines.items():  # warm-up: first-call allocations and caches
         run(0, 0)
-    times = {name: [] for name in ENGINES}
+    times = {name: [] for name in args.engines}
     for i in range(args.images):
         for name, run in engines.items():
             t0 = time.perf_counter()
@@ -152,13 +160,14 @@ def measure(args, var, vae, log) -> dict:
     med = {name: statistics.median(t) for name, t in times.items()}
     del engines, run   # d16: ONNX Runtime alone holds ~12 GB; free it before the memory children load theirs
     gc.collect()
-    peak = {name: peak_rss_mb(name, args) for name in ENGINES}
+    peak = {name: peak_rss_mb(name, args) for name in args.engines}
     return {
         "model": args.model, "target": args.target, "images": args.images, "batch": 1, "cfg": 4.0,
-        "pytorch_s": med["pytorch"], "onnxruntime_s": med["onnxruntime"], "tvm_dense_s": med["tvm_dense"],
-        "tvm_plan_s": med["tvm_plan"], "peak_mb": peak,
-        "speedup_vs_pytorch": {n: med["pytorch"] / med[n] for n in ENGINES if n != "pytorch"},
-        "tvm_dense_vs_onnxruntime": med["onnxruntime"] / med["tvm_dense"],
+        "pytorch_s": med["pytorch"], "onnxruntime_s": med.get("onnxruntime"), "tvm_dense_s": med.get("tvm_dense"),
+        "tvm_plan_s": med.get("tvm_plan"), "peak_mb": peak,
+        "speedup_vs_pytorch": {n: med["pytorch"] / med[n] for n in med if n != "pytorch"},
+        "tvm_dense_vs_onnxruntime": (med["onnxruntime"] / med["tvm_dense"]
+                                     if "onnxruntime" in med and "tvm_dense" in med else None),
         "all_median_s": med, "all_s": times,
     }
 

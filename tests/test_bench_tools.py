@@ -1,0 +1,58 @@
+"""The measuring tools themselves: thread count, kernel microbenchmarks, the speed-test plan."""
+import json
+import os
+import subprocess
+import sys
+
+from compiler.compress.plan import load_plan
+from compiler.compress.mdwa import kept_pairs
+from conftest import ROOT, run_cli
+from device.cores import physical_cores
+
+
+def test_tvm_uses_every_physical_core():
+    """TVM alone would take half the logical CPUs of an x86 (one core of this 2-vCPU machine)."""
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    code = "import device, tvm; print(tvm.get_global_func('runtime.NumThreads')())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == physical_cores()
+    env["TVM_NUM_THREADS"] = "1"   # the user's choice wins
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 1
+
+
+def test_schedules_bench_reports_every_kernel(tmp_path):
+    r = run_cli("schedules.bench", "--model", "demo", "--repeat", "1", "--out", tmp_path / "k.json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "k.json").read_text())
+    engines = {d["engine"] for d in report["dense"]}
+    assert {"tvm fp32", "tvm w8a8", "tvm w4a16", "tvm w4a8", "torch fp32"} <= engines
+    assert len(report["dense"]) == 5 * len(engines)          # five layer shapes
+    att = {a["engine"]: a for a in report["attention"]}
+    assert att["dense"]["kept_fraction"] == 1.0
+    # narrower windows keep fewer pairs; ASC halves the q·k part
+    assert att["MDWA w=64"]["kept_fraction"] > att["MDWA w=16"]["kept_fraction"] > att["MDWA w=4"]["kept_fraction"]
+    assert att["MDWA w=16 + ASC output"]["kept_fraction"] == att["MDWA w=16"]["kept_fraction"] / 2
+    assert report["peak_gflops"] > 0 and "time / dense" in r.stdout
+    bad = run_cli("schedules.bench", "--repeat", "0")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --repeat must be at least 1, got 0"
+
+
+def test_speed_plan_keeps_coarse_scales_dense_and_protects_fc2(tmp_path):
+    r = run_cli("compiler.speed_plan", "--model", "demo", "--window", "8", "--out", tmp_path / "p.json")
+    assert r.returncode == 0, r.stderr
+    plan = load_plan(tmp_path / "p.json")
+    pns = plan.model["patch_nums"]
+    last = plan.windows[0][0][len(pns) - 1]
+    assert last[:3] == [None] * 3 and set(last[3:]) == {8}
+    assert all(w is None for w in plan.windows[0][0][4])      # query scale 4: dense
+    assert kept_pairs(last, pns, len(pns) - 1) < sum(p * p for p in pns) * pns[-1] ** 2
+    assert plan.asc_share[0][6] and not plan.asc_share[0][5]
+    assert "blocks.0.ffn.fc2" not in plan.quant_layers and plan.quant_layers["blocks.0.ffn.fc1"]["scheme"] == "w8a8"
+
+
+def test_host_bench_names_an_unknown_engine(tmp_path):
+    r = run_cli("host.bench", "--engines", "pytorch,tensorrt", "--out", tmp_path / "b.json")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --engines: unknown engine 'tensorrt'; known: pytorch, onnxruntime, tvm_dense, tvm_plan"
+    assert not (tmp_path / "b.json").exists()
