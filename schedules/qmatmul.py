@@ -49,10 +49,13 @@ def _nibbles(byte):
     return (byte & 15) - ((byte & 8) << 1), (byte >> 4) - ((byte & 128) >> 3)
 
 
-def chunk(K: int, most: int = 1024) -> int:
-    """Longest run of inputs, dividing K, whose int8·int8 sum is still exact in float32:
-    1024 · 127² < 2²⁴."""
-    return max(d for d in range(1, min(K, most) + 1) if K % d == 0)
+def chunk(K: int) -> int:
+    """Run of inputs, dividing K, whose int8·int8 sum is exact in float32 (1024 · 127² < 2²⁴):
+    all of K up to 1024, else at most 256. Measured on d16 shapes, four runs of 1024 (or of 256)
+    took 1.6× the time of one run or of sixteen, which LLVM unrolls differently."""
+    if K <= 1024:
+        return K
+    return max(d for d in range(1, 257) if K % d == 0)
 
 
 @lru_cache(maxsize=None)  # one parse per shape

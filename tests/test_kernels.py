@@ -65,7 +65,7 @@ def run_quantized(scheme, x, packed, b):
 @pytest.mark.parametrize("scheme", [W8A8(), W4A8(32), W4A8(64)], ids=lambda s: f"{s.name}-{s.group}")
 @pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 128, 32), (1, 2112, 16)])
 def test_integer_kernels_equal_the_pytorch_simulation_bit_for_bit(scheme, M, K, O):
-    """2112 inputs: more than one exact float32 run (w8a8 sums 704 at a time)."""
+    """2112 inputs: more than one exact float32 run (w8a8 sums 192 at a time)."""
     x, w, b = quantized_case(M, K, O, K + O)
     packed = scheme.pack(torch.from_numpy(w))
     want = (scheme.matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
