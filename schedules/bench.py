@@ -26,7 +26,7 @@ import tvm
 from tvm.script import tirx as T
 
 from compiler.compress.mdwa import kept_pairs
-from compiler.compress.quant import W4A8, W4A16, W8A8, quantize_per_token_int8
+from compiler.compress.quant import W4A8, W4A16, W8A8
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
 from device.cores import claim_cores
@@ -110,7 +110,6 @@ def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
     w = (rng.standard_normal((O, K)) / np.sqrt(K)).astype(np.float32)
     b = np.zeros(O, np.float32)
     y = tvm.runtime.empty((M, O), "float32", tvm.cpu())
-    xq, sx = (t.numpy() for t in quantize_per_token_int8(torch.from_numpy(x)))
     xq_t = tvm.runtime.empty((M, K), "int8", tvm.cpu())
     sx_t = tvm.runtime.empty((M, 1), "float32", tvm.cpu())
     quant = compile_kernel(matmul.quantize_per_token(M, K))
@@ -148,7 +147,6 @@ def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
             qlin(xt)
     engines["torch fp32"] = torch_fp32
     engines["torch int8 (fbgemm)"] = torch_int8
-    del xq, sx
     return engines
 
 
