@@ -51,3 +51,14 @@ def random_official_state_dict(name: str, depth: int | None = None, seed: int = 
             sd[key] = torch.randn(shape, generator=g) * (0.5 / math.sqrt(fan_in))
         assert str(sd[key].dtype) == f"torch.{dtype}", key
     return sd
+
+
+def load_reference(model: str, depth: int | None = None):
+    """The demo model, or an official-format d16 with seeded random values (optionally cut to
+    `depth` blocks); the same call gives the same weights, so a later build can be compared."""
+    from compiler.checkpoint import build_var, build_vqvae, load_models
+    if model == "demo":
+        return load_models()
+    var = build_var(random_official_state_dict("var_d16", depth), "var_d16 (random values)")
+    vae = build_vqvae(random_official_state_dict("vae_ch160v4096z32"), var.cfg.patch_nums, "vae (random values)")
+    return var, vae

@@ -15,6 +15,7 @@ import argparse
 
 from compiler.compress.plan import Plan, linear_layer_names
 from compiler.errors import UserError, cli
+from compiler.official import load_reference
 
 DENSE_QUERY_SCALES = 5
 DENSE_KEY_SCALES = 3
@@ -39,7 +40,6 @@ def speed_plan(cfg, window: int, asc_mode: str = "output", quant: str = "w8a8") 
 
 @cli
 def main(argv=None):
-    from host.bench import load_reference
     ap = argparse.ArgumentParser(prog="python -m compiler.speed_plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("demo", "d16"), default="d16")
     ap.add_argument("--window", type=int, default=16, help="band half-width on the fine key scales (default 16)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.errors import UserError, cli
-from host.bench import load_reference
+from compiler.official import load_reference
 
 
 def agreement(var, vae, plan, artifact, labels, cfg):

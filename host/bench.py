@@ -25,21 +25,10 @@ from pathlib import Path
 
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
+from compiler.official import load_reference
 
 ENGINES = ("pytorch", "onnxruntime", "tvm_dense", "tvm_plan")
 DEFAULT_PLAN = {"demo": "plans/demo-all.json", "d16": None}
-
-
-def load_reference(model: str, depth: int | None = None):
-    """The demo model, or an official-format d16 with seeded random values (optionally cut to
-    `depth` blocks); the same call gives the same weights, so a later build can be compared."""
-    from compiler.checkpoint import build_var, build_vqvae, load_models
-    if model == "demo":
-        return load_models()
-    from compiler.official import random_official_state_dict
-    var = build_var(random_official_state_dict("var_d16", depth), "var_d16 (random values)")
-    vae = build_vqvae(random_official_state_dict("vae_ch160v4096z32"), var.cfg.patch_nums, "vae (random values)")
-    return var, vae
 
 
 def make_engine(name: str, var, vae, artifacts: dict):
