@@ -44,9 +44,13 @@ def pack_int4(qweight: np.ndarray, scales: np.ndarray, gpu: bool = False):
     return panels(qweight), panels(scales)
 
 
-def _nibbles(byte):
-    """Signed low and high nibble of an int32 in [0, 255], without shifts into the sign bit."""
-    return (byte & 15) - ((byte & 8) << 1), (byte >> 4) - ((byte & 128) >> 3)
+def low_nibble(byte):
+    """Signed low nibble of an int32 in [0, 255], without shifts into the sign bit (TIR or TE)."""
+    return (byte & 15) - ((byte & 8) << 1)
+
+
+def high_nibble(byte):
+    return (byte >> 4) - ((byte & 128) >> 3)
 
 
 def chunk(K: int) -> int:
@@ -108,8 +112,8 @@ def dense_quant(M: int, K: int, O: int, scheme: str, group: int | None = None):
                 for k2 in range(K // 2):
                     for u in T.vectorized(L):
                         byte[u] = T.Cast("int32", wq[p, k2, u])
-                        wf[2 * k2, u] = T.Cast("float32", (byte[u] & 15) - ((byte[u] & 8) << 1))
-                        wf[2 * k2 + 1, u] = T.Cast("float32", (byte[u] >> 4) - ((byte[u] & 128) >> 3))
+                        wf[2 * k2, u] = T.Cast("float32", low_nibble(byte[u]))
+                        wf[2 * k2 + 1, u] = T.Cast("float32", high_nibble(byte[u]))
                     if scheme == "w4a16":
                         for u in T.vectorized(L):
                             wf[2 * k2, u] = wf[2 * k2, u] * T.Cast("float32", ws[p, 2 * k2 // group, u])
@@ -158,8 +162,7 @@ def dequantize_gpu(K: int, O: int, group: int):
     def compute(wq, ws):
         def value(k, o):
             byte = wq[k // 2, o].astype("int32")
-            lo, hi = _nibbles(byte)
-            q = te.if_then_else(k % 2 == 0, lo, hi)
+            q = te.if_then_else(k % 2 == 0, low_nibble(byte), high_nibble(byte))
             return q.astype("float32") * ws[k // group, o].astype("float32")  # float16 or float32 scales
         return te.compute((K, O), value, name="dequantize")
 
@@ -194,9 +197,9 @@ def dense_w4a8_gpu(M: int, K: int, O: int, group: int, threads: int = 128):
                         for k2 in range(group // 2):
                             byte = T.Cast("int32", wq[g * (group // 2) + k2, o])
                             grp[0] = (grp[0] + T.Cast("float32", x[m, g * group + 2 * k2])
-                                      * T.Cast("float32", (byte & 15) - ((byte & 8) << 1))
+                                      * T.Cast("float32", low_nibble(byte))
                                       + T.Cast("float32", x[m, g * group + 2 * k2 + 1])
-                                      * T.Cast("float32", (byte >> 4) - ((byte & 128) >> 3)))
+                                      * T.Cast("float32", high_nibble(byte)))
                         acc[0] = acc[0] + T.Cast("float64", grp[0]) * T.Cast("float64", ws[g, o])
                     y[m, o] = T.Cast("float32", acc[0]) * sx[m, i64(0)]
 
