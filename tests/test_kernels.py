@@ -173,11 +173,12 @@ def test_fast_exp_is_as_accurate_as_float32_exp():
     assert (y[~ok] < 2e-38).all() and (y >= 0).all()
 
 
-@pytest.mark.parametrize("B,Ci,H,W,Co,k", [(1, 5, 16, 16, 8, 3), (2, 3, 6, 10, 7, 3), (1, 4, 8, 8, 12, 1)])
+@pytest.mark.parametrize("B,Ci,H,W,Co,k", [(1, 5, 16, 16, 8, 3), (2, 3, 6, 10, 7, 3), (1, 4, 8, 8, 12, 1),
+                                          (1, 3, 4, 24, 10, 3), (1, 2, 5, 5, 18, 3)])
 def test_conv2d_matches_pytorch(B, Ci, H, W, Co, k):
-    from schedules.conv import conv2d
+    from schedules.conv import conv2d, pack_weight
     rng = np.random.default_rng(Ci)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, Ci, H, W), (Co, Ci, k, k), (Co,)))
-    (y,) = run(conv2d(B, Ci, H, W, Co, k), x, w, b, out=[((B, Co, H, W), "float32")])
+    (y,) = run(conv2d(B, Ci, H, W, Co, k), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
     want = torch.nn.functional.conv2d(*map(torch.from_numpy, (x, w, b)), padding=k // 2).numpy()
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)

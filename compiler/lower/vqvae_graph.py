@@ -35,13 +35,17 @@ class Conv(nn.Module):
     and every conv on a GPU (DLight schedules it), through Relax's conv2d."""
 
     def __init__(self, conv, gpu: bool):
-        self.gpu = gpu
-        self.weight, self.bias = param(conv.weight.float()), param(conv.bias.float())
         self.stride, self.padding = conv.stride[0], conv.padding[0]
+        self.shape = tuple(conv.weight.shape)           # Co, Ci, k, k
+        Co, Ci, k, _ = self.shape
+        self.relax_conv = gpu or self.stride != 1 or self.padding != k // 2
+        w = conv.weight.detach().float().numpy()
+        self.weight = param(w if self.relax_conv else conv_kernels.pack_weight(w))
+        self.bias = param(conv.bias.float())
 
     def forward(self, x):
-        Co, Ci, k, _ = self.weight.shape
-        if self.gpu or self.stride != 1 or self.padding != k // 2:
+        Co, Ci, k, _ = self.shape
+        if self.relax_conv:
             return op.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
         B, _, H, W = (int(d) for d in x.shape)
         return op.tensor_ir_op(conv_kernels.conv2d(B, int(Ci), H, W, int(Co), int(k)), "conv2d",
