@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 import warnings
@@ -120,11 +121,16 @@ def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
     x_t, none = tensors(x, np.zeros((1, 1), np.float32))
     for scheme in (W8A8(), W4A16(group), W4A8(group)):
         packed = {k: v.numpy() for k, v in scheme.pack(torch.from_numpy(w)).items()}
-        if scheme.name == "w8a8":
-            wp, ws = matmul.pack_weight(packed["qweight"]), packed["scales"]
+        pairs = scheme.name == "w8a8" and qmatmul.uses_int16_pairs(platform.machine(), K)
+        if pairs:   # what compiler.build uses on x86
+            wp, ws = qmatmul.pack_int8_pairs(packed["qweight"]), packed["scales"]
+            kernel = compile_kernel(qmatmul.dense_w8a8_pairs(M, K, O))
         else:
-            wp, ws = qmatmul.pack_int4(packed["qweight"], packed["scales"])
-        kernel = compile_kernel(qmatmul.dense_quant(M, K, O, scheme.name, scheme.group))
+            if scheme.name == "w8a8":
+                wp, ws = matmul.pack_weight(packed["qweight"]), packed["scales"]
+            else:
+                wp, ws = qmatmul.pack_int4(packed["qweight"], packed["scales"])
+            kernel = compile_kernel(qmatmul.dense_quant(M, K, O, scheme.name, scheme.group))
         wargs = tensors(wp, ws, b)
         if scheme.name == "w4a16":
             engines[f"tvm {scheme.name}"] = lambda k=kernel, a=wargs: k(x_t, none, *a, y)

@@ -10,6 +10,7 @@ the known ones.
 from __future__ import annotations
 
 import os
+import platform
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,14 @@ class Board:
     @property
     def triple(self) -> str:
         return self.cpu_target.get("mtriple", "x86_64-linux-gnu")
+
+    @property
+    def arch(self) -> str:
+        """"x86_64" or "aarch64": which CPU kernels the build may use (a target without a triple
+        is this machine)."""
+        if "mtriple" not in self.cpu_target:
+            return {"arm64": "aarch64", "AMD64": "x86_64"}.get(platform.machine(), platform.machine())
+        return self.triple.split("-")[0]
 
     @property
     def elf_machine(self) -> int:

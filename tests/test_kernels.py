@@ -1,4 +1,6 @@
 """Each kernel of schedules/ alone against a numpy reference, on odd shapes."""
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -42,11 +44,14 @@ def quantized_case(M, K, O, seed):
     return x, w, rng.standard_normal(O).astype(np.float32)
 
 
-def run_quantized(scheme, x, packed, b):
-    """The CPU kernel of `scheme` on x (activations quantized by our kernel when needed)."""
+def run_quantized(scheme, x, packed, b, pairs=False):
+    """The CPU kernel of `scheme` on x (activations quantized by our kernel when needed);
+    `pairs`: x86's W8A8 kernel on int16 pairs."""
     M, K = x.shape
     O = b.shape[0]
-    if scheme.name == "w8a8":
+    if pairs:
+        w, ws = qmatmul.pack_int8_pairs(packed["qweight"].numpy()), packed["scales"].numpy()
+    elif scheme.name == "w8a8":
         w, ws = matmul.pack_weight(packed["qweight"].numpy()), packed["scales"].numpy()
     else:
         w, ws = qmatmul.pack_int4(packed["qweight"].numpy(), packed["scales"].numpy())
@@ -57,7 +62,8 @@ def run_quantized(scheme, x, packed, b):
         ref_q, ref_s = quantize_per_token_int8(torch.from_numpy(x))
         np.testing.assert_array_equal(xk, ref_q.numpy())
         np.testing.assert_array_equal(sx, ref_s.numpy())
-    (y,) = run(qmatmul.dense_quant(M, K, O, scheme.name, scheme.group), xk, sx, w, ws, b,
+    kernel = qmatmul.dense_w8a8_pairs(M, K, O) if pairs else qmatmul.dense_quant(M, K, O, scheme.name, scheme.group)
+    (y,) = run(kernel, xk, sx, w, ws, b,
                out=[((M, O), "float32")])
     return y if scheme.name == "w4a16" else y + b  # the bias is the caller's for integer kernels
 
@@ -70,6 +76,22 @@ def test_integer_kernels_equal_the_pytorch_simulation_bit_for_bit(scheme, M, K, 
     packed = scheme.pack(torch.from_numpy(w))
     want = (scheme.matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
     np.testing.assert_array_equal(run_quantized(scheme, x, packed, b), want)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="vpmaddwd is an x86 instruction")
+@pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 128, 32), (1, 2112, 16), (5, 6, 16)])
+def test_w8a8_int16_pair_kernel_equals_the_pytorch_simulation_bit_for_bit(M, K, O):
+    x, w, b = quantized_case(M, K, O, K + O)
+    x[-1] = 1.0                        # a row of 127s: the largest sums
+    w[0] = -1.0
+    packed = W8A8().pack(torch.from_numpy(w))
+    want = (W8A8().matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
+    np.testing.assert_array_equal(run_quantized(W8A8(), x, packed, b, pairs=True), want)
+
+
+def test_int16_pairs_are_used_on_x86_only():
+    assert qmatmul.uses_int16_pairs("x86_64", 1024) and not qmatmul.uses_int16_pairs("aarch64", 1024)
+    assert not qmatmul.uses_int16_pairs("x86_64", 7)  # odd K: the generic kernel
 
 
 @pytest.mark.parametrize("group", [32, 128])

@@ -25,9 +25,9 @@ from schedules.attention import cache_row
 
 
 class GenerationModule(nn.Module):
-    def __init__(self, var, vae, plan=None, gpu: str | bool = False):
+    def __init__(self, var, vae, plan=None, gpu: str | bool = False, arch: str = ""):
         self.cfg = var.cfg
-        self.var = VARGraph(var, plan, gpu)
+        self.var = VARGraph(var, plan, gpu, arch)
         self.vae = VQVAEGraph(vae, var.cfg, gpu)
         S = len(self.cfg.patch_nums)
         for si in range(S):
