@@ -7,6 +7,12 @@ plan's calibration statistics are next to it) attention maps with the kept bands
 similarity of the CFG halves. report.json holds, each as {"reference": x, "compressed": y}
 where both sides exist: attention_flops_saved, weight_bytes_vs_fp16, token_agreement,
 logit_kl, psnr_db, and for the demo model class_consistency and digits_fid.
+
+FID and Inception Score (for official checkpoints; nothing is downloaded) need two files:
+`--inception-weights` torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` and
+`--fid-ref` an .npz with the reference statistics `mu` (2048,) and `sigma` (2048, 2048), e.g.
+ADM's `VIRTUAL_imagenet256_labeled.npz`. With both, report.json gains fid and inception_score
+of the --samples sampled images of each model (compiler/compress/inception_metrics.py).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from compiler.checkpoint import load_models
@@ -23,6 +30,7 @@ from compiler.compress import plots
 from compiler.compress.apply import apply_plan, attention_macs, kept_pair_fractions, linear_macs, weight_bytes
 from compiler.compress.calibration import CalibrationStats, spread_labels
 from compiler.compress.fidelity import generate_batched, greedy_fidelity, greedy_run, psnr_db
+from compiler.compress.inception_metrics import InceptionMetrics
 from compiler.compress.plan import load_plan
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path, ensure_writable_dir
@@ -50,6 +58,30 @@ def fidelity_report(var, vae, comp, labels, greedy_labels, args, bar) -> tuple[d
     bar.update(2 * len(greedy_labels))
     rep.update(psnr_db=psnr_db(i_ref, i_cmp), sampled_token_agreement=float((t_ref == t_cmp).double().mean()))
     return rep, (i_ref, i_cmp)
+
+
+def inception_metrics(args) -> InceptionMetrics | None:
+    """The Inception network and FID statistics when both files are given (checked before sampling)."""
+    given = {"--inception-weights": args.inception_weights, "--fid-ref": args.fid_ref}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        other = next(k for k in given if k not in missing)
+        raise UserError(f"{other} needs {missing[0]} too: FID and Inception Score need both files (nothing is downloaded)")
+    if args.costs_only:
+        raise UserError("--inception-weights and --fid-ref score sampled images; they do not go with --costs-only")
+    return InceptionMetrics(args.inception_weights, args.fid_ref)
+
+
+def inception_report(metrics: InceptionMetrics, i_ref, i_cmp, batch) -> dict:
+    """fid and inception_score of both models' sampled images (B×3×H×W in [0, 1])."""
+    u8 = [torch.from_numpy(to_uint8(i.numpy())).permute(0, 3, 1, 2).contiguous() for i in (i_ref, i_cmp)]
+    with tqdm(total=sum(len(x) for x in u8), desc="inception", unit="img") as bar:
+        r, c = (metrics(x, batch=batch, progress=bar.update) for x in u8)
+    return {"fid": {"reference": r["fid"], "compressed": c["fid"]},
+            "inception_score": {"reference": r["inception_score"], "compressed": c["inception_score"]},
+            "inception_score_splits": r["inception_score_splits"]}
 
 
 def markdown(report: dict) -> str:
@@ -82,9 +114,16 @@ def main(argv=None):
     add_sampler_args(ap)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--costs-only", action="store_true", help="only FLOPs and bytes (for random-valued checkpoints)")
+    ap.add_argument("--inception-weights", type=Path, metavar="PTH",
+                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: FID and Inception Score "
+                         "(with --fid-ref)")
+    ap.add_argument("--fid-ref", type=Path, metavar="NPZ",
+                    help="FID reference statistics: an .npz with mu (2048,) and sigma (2048, 2048), e.g. "
+                         "VIRTUAL_imagenet256_labeled.npz (with --inception-weights)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
+    inception = inception_metrics(args)
     out = ensure_writable_dir(args.out)
     var, vae = load_models(args.var, args.vae)
     plan = load_plan(args.plan, var.cfg)
@@ -102,6 +141,8 @@ def main(argv=None):
             fid, (i_ref, i_cmp) = fidelity_report(var, vae, comp, labels, greedy_labels, args, bar)
         report.update(fid, samples=len(labels), greedy_samples=len(greedy_labels),
                       seconds=round(time.perf_counter() - t0, 1))
+        if inception is not None:
+            report.update(inception_report(inception, i_ref, i_cmp, args.batch))
         if args.var is None:  # the demo model has a judge
             from compiler.digits import judge_samples, load_judge
 
