@@ -15,3 +15,7 @@ if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64-st
     pocl-opencl-icd ocl-icd-libopencl1
 fi
 PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install -q -e ".${1:+[$1]}"
+# FID/IS (compiler.evaluate --inception-weights): torch-fidelity without its torchvision, whose
+# PyPI wheel is built for CUDA torch and fails to import beside the CPU one; the Inception
+# network we use needs only torch.
+PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install -q --no-deps "torch-fidelity>=0.4,<0.5"
