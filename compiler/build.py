@@ -54,13 +54,13 @@ def check_compilable(plan, where):
         raise UserError(f"{where}: quant.default: scheme {plan.quant_default} has no compiled kernel yet")
 
 
-def lower(var, vae, plan, batch: int, device: str = "cpu", arch: str = ""):
+def lower(var, vae, plan, batch: int, device: str = "cpu", int_dot: str | None = None):
     """Reference models (+ plan) → (IRModule, ordered parameter arrays) for kernels on `device`
-    ("cpu", "cuda" or "opencl") and CPU `arch` ("x86_64", "aarch64"; "" for kernels any CPU runs)."""
+    ("cpu", "cuda" or "opencl"); `int_dot`: the CPU's integer dot product (targets.Board.int_dot)."""
     from compiler.lower.module import GenerationModule
     from compiler.lower.params import param_arrays
     model = apply_plan(var, plan) if plan is not None else var
-    gm = GenerationModule(model, vae, plan, gpu=device if device != "cpu" else False, arch=arch)
+    gm = GenerationModule(model, vae, plan, gpu=device if device != "cpu" else False, int_dot=int_dot)
     mod, named = gm.export_tvm(spec=gm.spec(batch))
     return mod, param_arrays(named)
 
@@ -281,7 +281,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
     ensure_writable_dir(out.parent)
     t0 = time.perf_counter()
     log(f"[1/3] lowering to Relax (batch {batch}, {len(var.cfg.patch_nums)} scales)")
-    mod, params = lower(var, vae, plan, batch, board.device, board.arch)
+    mod, params = lower(var, vae, plan, batch, board.device, board.int_dot)
     log(f"[2/3] compiling for {board.name}: {json.dumps(board.target)}"
         + (f" on {json.dumps(board.host)}" if board.host else "") + f" ({time.perf_counter() - t0:.0f} s)")
     db = tuning_database(board, tuning, log)

@@ -38,7 +38,7 @@ def extract(var, vae, plan, board, batch: int = 1) -> list:
     """The unscheduled kernels of the model as MetaSchedule tasks (weight = calls per image)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
-    mod, _ = lower(var, vae, plan, batch, board.device, board.arch)
+    mod, _ = lower(var, vae, plan, batch, board.device, board.int_dot)
     target = board.tvm_target()
     with target:
         mod = tvm.transform.Sequential(unscheduled_passes(target))(mod)

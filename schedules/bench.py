@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 import warnings
@@ -26,6 +25,7 @@ import torch
 import tvm
 from tvm.script import tirx as T
 
+import targets
 from compiler.compress.mdwa import kept_pairs
 from compiler.compress.quant import W4A8, W4A16, W8A8
 from compiler.errors import UserError, cli
@@ -121,10 +121,10 @@ def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
     x_t, none = tensors(x, np.zeros((1, 1), np.float32))
     for scheme in (W8A8(), W4A16(group), W4A8(group)):
         packed = {k: v.numpy() for k, v in scheme.pack(torch.from_numpy(w)).items()}
-        pairs = scheme.name == "w8a8" and qmatmul.uses_int16_pairs(platform.machine(), K)
-        if pairs:   # what compiler.build uses on x86
-            wp, ws = qmatmul.pack_int8_pairs(packed["qweight"]), packed["scales"]
-            kernel = compile_kernel(qmatmul.dense_w8a8_pairs(M, K, O))
+        dot = qmatmul.dot_for(targets.load("host").int_dot, K) if scheme.name == "w8a8" else None
+        if dot:     # what compiler.build uses on this CPU
+            wp, ws = qmatmul.pack_int8_dot(packed["qweight"], dot), packed["scales"]
+            kernel = compile_kernel(qmatmul.dense_w8a8_dot(M, K, O, dot))
         else:
             if scheme.name == "w8a8":
                 wp, ws = matmul.pack_weight(packed["qweight"]), packed["scales"]

@@ -10,8 +10,8 @@ simulation's arithmetic:
 - W4A16 multiplies float32 activations by the dequantized weight q·s: the same values as the
   simulation, summed in another order.
 
-CPU layout: panels of LANES output channels, like schedules/matmul.py — int8 P×K×LANES (on x86,
-P×K/2×LANES×2 pairs for vpmaddwd), or
+CPU layout: panels of LANES output channels, like schedules/matmul.py — int8 P×K×LANES (x86 and
+ARM W8A8: P×K/d×LANES×d runs of inputs for the dot instruction), or
 bytes P×K/2×LANES with scales P×G×LANES. GPU layout: int8 K×O or bytes K/2×O with scales G×O,
 so consecutive threads read consecutive channels. On GPUs, W8A8 is an int8 Relax matmul and
 W4A16 a TIR block named "dequantize" feeding a plain matmul (DLight's matmul and GEMV rules
@@ -73,10 +73,11 @@ def dense_quant(M: int, K: int, O: int, scheme: str, group: int | None = None):
 
     Each parallel task converts one panel of weights to float32 once (raw integers, or
     dequantized for w4a16) and runs it against every row tile, so unpacking costs one pass over
-    the weights, not one per row tile. Integer activations are converted once to float32 (x86
-    W8A8 runs on int16 pairs instead: dense_w8a8_pairs), and FMA on integer-valued floats sums a run
+    the weights, not one per row tile. Integer activations are converted once to float32, and
+    FMA on integer-valued floats sums a run
     of products (a group, or `chunk(K)` inputs) exactly and at fp32 speed; runs are then
-    combined in int32 (w8a8) or float64 (w4a8, times the group scale)."""
+    combined in int32 (w8a8) or float64 (w4a8, times the group scale). x86 and ARM builds run
+    W8A8 on the CPU's integer dot product instead (dense_w8a8_dot)."""
     if O % LANES:
         raise ValueError(f"{O} output channels are not a multiple of {LANES}")
     four = scheme.startswith("w4")
@@ -155,65 +156,83 @@ def dense_quant(M: int, K: int, O: int, scheme: str, group: int | None = None):
     return dense_q.with_attr("tirx.is_scheduled", True)
 
 
-def uses_int16_pairs(arch: str, K: int) -> bool:
-    """W8A8 on x86 runs on AVX2's int16 dot product (vpmaddwd) when K is even."""
-    return arch == "x86_64" and K % 2 == 0
+DOT_WIDTH = {"pmaddwd": 2, "sdot": 4}   # inputs each instruction sums into one int32 lane
 
 
-def pack_int8_pairs(qweight: np.ndarray) -> np.ndarray:
-    """int8 O×K → P × K/2 × LANES × 2: for each pair of inputs, the two weights of each channel
-    side by side, the operand layout of vpmaddwd."""
+def dot_for(dot: str | None, K: int) -> str | None:
+    """The CPU's integer dot product (targets.Board.int_dot: "pmaddwd" on x86 with AVX2, int16
+    pairs; "sdot" on AArch64 with dotprod, int8 quads) if a layer of K inputs can use it, else
+    None (the float kernel, dense_quant)."""
+    return dot if dot and K % DOT_WIDTH[dot] == 0 else None
+
+
+def pack_int8_dot(qweight: np.ndarray, dot: str) -> np.ndarray:
+    """int8 O×K → P × K/d × LANES × d (d = DOT_WIDTH[dot]): for each run of d inputs, the d
+    weights of each channel side by side, the operand layout of the dot instruction."""
     O, K = qweight.shape
-    if O % LANES or K % 2:
-        raise ValueError(f"int16-pair packing needs O % {LANES} == 0 and even K, got {O}×{K}")
-    return np.ascontiguousarray(qweight.reshape(O // LANES, LANES, K // 2, 2).transpose(0, 2, 1, 3))
+    d = DOT_WIDTH[dot]
+    if O % LANES or K % d:
+        raise ValueError(f"{dot} packing needs O % {LANES} == 0 and K % {d} == 0, got {O}×{K}")
+    return np.ascontiguousarray(qweight.reshape(O // LANES, LANES, K // d, d).transpose(0, 2, 1, 3))
 
 
 @lru_cache(maxsize=None)  # one parse per shape
-def dense_w8a8_pairs(M: int, K: int, O: int):
-    """x86 W8A8: (x int8 M×K, sx M×1, w int8 P×K/2×LANES×2 (pack_int8_pairs), sw f32 O, b) → y
-    without bias, bit for bit the simulation.
+def dense_w8a8_dot(M: int, K: int, O: int, dot: str):
+    """W8A8 on the CPU's integer dot product: (x int8 M×K, sx M×1, w int8 P×K/d×LANES×d
+    (pack_int8_dot), sw f32 O, b) → y without bias, bit for bit the simulation (the int32 sums
+    are its exact integer sums).
 
-    AVX2 has no int8 dot product, but vpmaddwd multiplies 16 int16 pairs and adds each pair into
-    an int32 lane: 16 multiply-adds per instruction where an fp32 FMA does 8, and exact (two
-    int8 products fit an int32 with room to spare). Activations and one weight panel at a time
-    are widened to int16 once; each step broadcasts one (x[k], x[k+1]) pair of a row against
-    the pairs of 8 channels. The int32 sums are the simulation's exact integer sums."""
+    - pmaddwd (x86 AVX2, which has no int8 dot product): multiplies 16 int16 pairs and adds each
+      pair into an int32 lane, 16 multiply-adds per instruction where an fp32 FMA does 8.
+      Activations, and one weight panel at a time, are widened to int16 once.
+    - sdot (AArch64): sums 4 int8 products into each of 4 int32 lanes, and accumulates.
+    Each step broadcasts one run of d inputs of a row against the runs of 8 (pmaddwd) or 4
+    (sdot) channels; a tile of `mi` rows × LANES channels stays in registers."""
+    d = DOT_WIDTH[dot]
     P, L = O // LANES, LANES
     mi = row_tile(M)
-    R, K2, V = M // mi, K // 2, LANES // 8
+    R, KD = M // mi, K // d
+    vl = 8 if dot == "pmaddwd" else 4       # int32 lanes per accumulator vector
+    V = L // vl
+    elem = "int16" if dot == "pmaddwd" else "int8"
+    ev = f"{elem}x{vl * d}"                   # one operand vector
     i64 = T.int64
-    dot = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+    intrin = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd" if dot == "pmaddwd" else "llvm.aarch64.neon.sdot")
 
     @T.prim_func(private=True)
     def dense_q(x: T.Buffer((i64(M), i64(K)), "int8"),
                 sx: T.Buffer((i64(M), i64(1)), "float32"),
-                wq: T.Buffer((i64(P), i64(K2), i64(L), i64(2)), "int8"),
+                wq: T.Buffer((i64(P), i64(KD), i64(L), i64(d)), "int8"),
                 ws: T.Buffer((i64(O),), "float32"),
                 b: T.Buffer((i64(O),), "float32"),
                 y: T.Buffer((i64(M), i64(O)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        xw = T.decl_buffer((M * K,), "int16")
+        xs = T.decl_buffer((M * K,), elem)
         for i in T.parallel(M):
             for k in T.vectorized(K):
-                xw[i * K + k] = T.Cast("int16", x[i, k])
+                xs[i * K + k] = T.Cast(elem, x[i, k])
         for p in T.parallel(P):
-            ww = T.decl_buffer((K * L,), "int16")
-            for k2 in range(K2):
-                for u in T.vectorized(2 * L):
-                    ww[k2 * 2 * L + u] = T.Cast("int16", wq[p, k2, u // 2, u % 2])
+            ww = T.decl_buffer((K * L,), elem)
+            for kd in range(KD):
+                for u in T.vectorized(d * L):
+                    ww[kd * d * L + u] = T.Cast(elem, wq[p, kd, u // d, u % d])
             for r in range(R):
                 acc = T.decl_buffer((mi * L,), "int32", scope="local")
                 for ii in T.unroll(mi):
                     for u in T.vectorized(L):
                         acc[ii * L + u] = 0
-                for k2 in range(K2):
+                for kd in range(KD):
                     for ii in T.unroll(mi):
                         for v in T.unroll(V):
-                            pair = T.reinterpret(xw[T.ramp((r * mi + ii) * K + 2 * k2, 1, 2)], dtype="int32")
-                            acc[T.ramp(ii * L + v * 8, 1, 8)] = acc[T.ramp(ii * L + v * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                                dot, T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
-                                ww[T.ramp(k2 * 2 * L + v * 16, 1, 16)], dtype="int32x8")
+                            run = T.reinterpret(xs[T.ramp((r * mi + ii) * K + d * kd, 1, d)], dtype="int32")
+                            xv = T.reinterpret(T.broadcast(run, vl), dtype=ev)
+                            wv = ww[T.ramp(kd * d * L + v * vl * d, 1, vl * d)]
+                            if dot == "pmaddwd":
+                                acc[T.ramp(ii * L + v * vl, 1, vl)] = acc[T.ramp(ii * L + v * vl, 1, vl)] + \
+                                    T.call_llvm_pure_intrin(intrin, xv, wv, dtype=f"int32x{vl}")
+                            else:
+                                acc[T.ramp(ii * L + v * vl, 1, vl)] = T.call_llvm_pure_intrin(
+                                    intrin, acc[T.ramp(ii * L + v * vl, 1, vl)], xv, wv, dtype=f"int32x{vl}")
                 for ii in T.unroll(mi):
                     for u in T.vectorized(L):
                         y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii * L + u]) * sx[r * mi + ii, i64(0)] * ws[p * L + u]

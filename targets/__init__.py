@@ -64,6 +64,16 @@ class Board:
         return self.triple.split("-")[0]
 
     @property
+    def int_dot(self) -> str | None:
+        """The integer dot product W8A8 kernels may use on the board's CPU: "pmaddwd" (x86 with
+        AVX2), "sdot" (AArch64 with dotprod: Cortex-A55/A75 and later), or None."""
+        from tvm.target import Target, codegen  # noqa: PLC0415
+        feature = {"x86_64": ("avx2", "pmaddwd"), "aarch64": ("dotprod", "sdot")}.get(self.arch)
+        if feature and codegen.target_has_features(feature[0], Target(self.cpu_target)):
+            return feature[1]
+        return None
+
+    @property
     def elf_machine(self) -> int:
         return ELF_MACHINES[self.triple.split("-")[0]]
 

@@ -44,13 +44,13 @@ def quantized_case(M, K, O, seed):
     return x, w, rng.standard_normal(O).astype(np.float32)
 
 
-def run_quantized(scheme, x, packed, b, pairs=False):
+def run_quantized(scheme, x, packed, b, dot=None):
     """The CPU kernel of `scheme` on x (activations quantized by our kernel when needed);
-    `pairs`: x86's W8A8 kernel on int16 pairs."""
+    `dot`: the W8A8 kernel on that integer dot product."""
     M, K = x.shape
     O = b.shape[0]
-    if pairs:
-        w, ws = qmatmul.pack_int8_pairs(packed["qweight"].numpy()), packed["scales"].numpy()
+    if dot:
+        w, ws = qmatmul.pack_int8_dot(packed["qweight"].numpy(), dot), packed["scales"].numpy()
     elif scheme.name == "w8a8":
         w, ws = matmul.pack_weight(packed["qweight"].numpy()), packed["scales"].numpy()
     else:
@@ -62,7 +62,7 @@ def run_quantized(scheme, x, packed, b, pairs=False):
         ref_q, ref_s = quantize_per_token_int8(torch.from_numpy(x))
         np.testing.assert_array_equal(xk, ref_q.numpy())
         np.testing.assert_array_equal(sx, ref_s.numpy())
-    kernel = qmatmul.dense_w8a8_pairs(M, K, O) if pairs else qmatmul.dense_quant(M, K, O, scheme.name, scheme.group)
+    kernel = qmatmul.dense_w8a8_dot(M, K, O, dot) if dot else qmatmul.dense_quant(M, K, O, scheme.name, scheme.group)
     (y,) = run(kernel, xk, sx, w, ws, b,
                out=[((M, O), "float32")])
     return y if scheme.name == "w4a16" else y + b  # the bias is the caller's for integer kernels
@@ -80,18 +80,23 @@ def test_integer_kernels_equal_the_pytorch_simulation_bit_for_bit(scheme, M, K, 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="vpmaddwd is an x86 instruction")
 @pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 128, 32), (1, 2112, 16), (5, 6, 16)])
-def test_w8a8_int16_pair_kernel_equals_the_pytorch_simulation_bit_for_bit(M, K, O):
+def test_w8a8_pmaddwd_kernel_equals_the_pytorch_simulation_bit_for_bit(M, K, O):
     x, w, b = quantized_case(M, K, O, K + O)
     x[-1] = 1.0                        # a row of 127s: the largest sums
     w[0] = -1.0
     packed = W8A8().pack(torch.from_numpy(w))
     want = (W8A8().matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
-    np.testing.assert_array_equal(run_quantized(W8A8(), x, packed, b, pairs=True), want)
+    np.testing.assert_array_equal(run_quantized(W8A8(), x, packed, b, dot="pmaddwd"), want)
 
 
-def test_int16_pairs_are_used_on_x86_only():
-    assert qmatmul.uses_int16_pairs("x86_64", 1024) and not qmatmul.uses_int16_pairs("aarch64", 1024)
-    assert not qmatmul.uses_int16_pairs("x86_64", 7)  # odd K: the generic kernel
+def test_each_cpu_gets_its_integer_dot_product():
+    import targets
+    assert targets.load("rpi5").int_dot == "sdot" and targets.load("jetson-orin").cpu_only().int_dot == "sdot"
+    assert targets.load("arm64-cpu").int_dot == "sdot"
+    if platform.machine() == "x86_64":
+        assert targets.load("host").int_dot == "pmaddwd"
+    assert qmatmul.dot_for("sdot", 1024) == "sdot" and qmatmul.dot_for("pmaddwd", 7) is None  # odd K: float kernel
+    assert qmatmul.dot_for("sdot", 6) is None and qmatmul.dot_for(None, 1024) is None
 
 
 @pytest.mark.parametrize("group", [32, 128])

@@ -18,19 +18,19 @@ def placeholder(shape, dtype="float32"):
 class Dense(nn.Module):
     """y = x·Wᵀ + b from a torch Linear or a QuantLinear (w8a8, w4a16, w4a8), the weights in the
     layout of the target's kernel: panels (CPU) or K×O (GPU, for DLight). `gpu`: False, "cuda"
-    or "opencl"; `arch`: the CPU's ("x86_64" runs W8A8 on int16 pairs)."""
+    or "opencl"; `int_dot`: the CPU's integer dot product for W8A8 ("pmaddwd", "sdot" or None)."""
 
-    def __init__(self, linear, bias=None, gpu: str | bool = False, arch: str = ""):
+    def __init__(self, linear, bias=None, gpu: str | bool = False, int_dot: str | None = None):
         self.gpu = gpu
-        self.pairs = not gpu and isinstance(linear, QuantLinear) and linear.scheme.name == "w8a8" \
-            and qmatmul.uses_int16_pairs(arch, linear.in_features)
+        self.dot = None if gpu or not isinstance(linear, QuantLinear) or linear.scheme.name != "w8a8" \
+            else qmatmul.dot_for(int_dot, linear.in_features)
         if isinstance(linear, QuantLinear):
             self.scheme, self.group = linear.scheme.name, linear.scheme.group
             if self.scheme not in ("w8a8", "w4a16", "w4a8"):
                 raise UserError(f"scheme {self.scheme} is simulation-only and has no compiled kernel")
             if self.scheme == "w8a8":
                 q = linear.qweight.numpy()
-                self.wp = param(qmatmul.pack_int8_pairs(q) if self.pairs else matmul.pack_weight(q, gpu))
+                self.wp = param(qmatmul.pack_int8_dot(q, self.dot) if self.dot else matmul.pack_weight(q, gpu))
                 self.sw = param(linear.scales.float())
             else:
                 scales = linear.scales
@@ -64,7 +64,8 @@ class Dense(nn.Module):
             sx = op.zeros([1, 1], "float32")  # w4a16 keeps float activations: no scales
             if self.scheme != "w4a16":
                 x2, sx = quantize(x2, M, K, gpu)
-            kernel = qmatmul.dense_w8a8_pairs(M, K, O) if self.pairs else qmatmul.dense_quant(M, K, O, self.scheme, self.group)
+            kernel = (qmatmul.dense_w8a8_dot(M, K, O, self.dot) if self.dot
+                      else qmatmul.dense_quant(M, K, O, self.scheme, self.group))
             y = op.tensor_ir_op(kernel, f"dense_{self.scheme}",
                                 [x2, sx, self.wp, self.sw, self.b], placeholder([M, O]))
             if self.scheme != "w4a16":

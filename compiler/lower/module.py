@@ -25,9 +25,9 @@ from schedules.attention import cache_row
 
 
 class GenerationModule(nn.Module):
-    def __init__(self, var, vae, plan=None, gpu: str | bool = False, arch: str = ""):
+    def __init__(self, var, vae, plan=None, gpu: str | bool = False, int_dot: str | None = None):
         self.cfg = var.cfg
-        self.var = VARGraph(var, plan, gpu, arch)
+        self.var = VARGraph(var, plan, gpu, int_dot)
         self.vae = VQVAEGraph(vae, var.cfg, gpu)
         S = len(self.cfg.patch_nums)
         for si in range(S):

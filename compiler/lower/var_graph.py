@@ -51,14 +51,14 @@ def window_table(plan: Plan | None, block: int, S: int, H: int) -> np.ndarray:
 
 
 class Attention(nn.Module):
-    def __init__(self, attn, plan: Plan | None, block: int, cfg, gpu: bool, arch: str = ""):
+    def __init__(self, attn, plan: Plan | None, block: int, cfg, gpu: bool, int_dot: str | None = None):
         self.gpu = gpu
         H, C = attn.heads, attn.heads * attn.head_dim
         self.heads, self.head_dim, self.C = H, attn.head_dim, C
         bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias)).float()
-        self.mat_qkv = Dense(attn.mat_qkv, bias=bias, gpu=gpu, arch=arch)
+        self.mat_qkv = Dense(attn.mat_qkv, bias=bias, gpu=gpu, int_dot=int_dot)
         self.scale_mul = param(attn.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp().float())
-        self.proj = Dense(attn.proj, gpu=gpu, arch=arch)
+        self.proj = Dense(attn.proj, gpu=gpu, int_dot=int_dot)
         S = len(cfg.patch_nums)
         self.windows = param(window_table(plan, block, S, H))
         self.share = [bool(plan.asc_share[block][s]) if plan and plan.asc_share else False for s in range(S)]
@@ -84,8 +84,8 @@ class Attention(nn.Module):
 
 
 class FFN(nn.Module):
-    def __init__(self, ffn, gpu: bool, arch: str = ""):
-        self.fc1, self.fc2 = Dense(ffn.fc1, gpu=gpu, arch=arch), Dense(ffn.fc2, gpu=gpu, arch=arch)
+    def __init__(self, ffn, gpu: bool, int_dot: str | None = None):
+        self.fc1, self.fc2 = Dense(ffn.fc1, gpu=gpu, int_dot=int_dot), Dense(ffn.fc2, gpu=gpu, int_dot=int_dot)
 
     def forward(self, x):
         return self.fc2(gelu_tanh(self.fc1(x)))
@@ -99,14 +99,14 @@ def gelu_tanh(x):
 
 
 class Block(nn.Module):
-    def __init__(self, block, plan, index, cfg, gpu: bool, arch: str = ""):
+    def __init__(self, block, plan, index, cfg, gpu: bool, int_dot: str | None = None):
         self.C, self.shared_aln = cfg.width, cfg.shared_aln
-        self.attn = Attention(block.attn, plan, index, cfg, gpu, arch)
-        self.ffn = FFN(block.ffn, gpu, arch)
+        self.attn = Attention(block.attn, plan, index, cfg, gpu, int_dot)
+        self.ffn = FFN(block.ffn, gpu, int_dot)
         if cfg.shared_aln:
             self.ada_gss = param(block.ada_gss.float())
         else:
-            self.ada_lin = Dense(block.ada_lin[1], gpu=gpu, arch=arch)
+            self.ada_lin = Dense(block.ada_lin[1], gpu=gpu, int_dot=int_dot)
 
     def forward(self, x, cond, kv, si, geom, cfg):
         C, NB = self.C, int(x.shape[0])
@@ -124,19 +124,19 @@ class Block(nn.Module):
 class VARGraph(nn.Module):
     """All per-scale VAR functions; parameters are taken from a (plan-applied) reference VAR.
     `gpu` (False, "cuda" or "opencl") picks the GPU variants of the kernels (and their weight layout);
-    `arch` ("x86_64", "aarch64", …) the CPU's, where they differ."""
+    `int_dot` the CPU's integer dot product for W8A8 ("pmaddwd", "sdot" or None: targets.Board)."""
 
-    def __init__(self, var: VAR, plan: Plan | None = None, gpu: str | bool = False, arch: str = ""):
+    def __init__(self, var: VAR, plan: Plan | None = None, gpu: str | bool = False, int_dot: str | None = None):
         cfg = self.cfg = var.cfg
         self.class_emb = param(var.class_emb.weight.float())
         self.pos_start = param(var.pos_start.float())
         self.lvl_pos = param(var.lvl_pos()[0].float())             # L×C, as the reference adds it
         if cfg.shared_aln:
-            self.shared_ada_lin = Dense(var.shared_ada_lin[1], gpu=gpu, arch=arch)
-        self.blocks = nn.ModuleList([Block(b, plan, i, cfg, gpu, arch) for i, b in enumerate(var.blocks)])
-        self.head_ada_lin = Dense(var.head_nm.ada_lin[1], gpu=gpu, arch=arch)
-        self.head = Dense(var.head, gpu=gpu, arch=arch)
-        self.word_embed = Dense(var.word_embed, gpu=gpu, arch=arch)
+            self.shared_ada_lin = Dense(var.shared_ada_lin[1], gpu=gpu, int_dot=int_dot)
+        self.blocks = nn.ModuleList([Block(b, plan, i, cfg, gpu, int_dot) for i, b in enumerate(var.blocks)])
+        self.head_ada_lin = Dense(var.head_nm.ada_lin[1], gpu=gpu, int_dot=int_dot)
+        self.head = Dense(var.head, gpu=gpu, int_dot=int_dot)
+        self.word_embed = Dense(var.word_embed, gpu=gpu, int_dot=int_dot)
         ends = np.cumsum([p * p for p in cfg.patch_nums])
         self.geom = param(np.stack([ends - np.array(cfg.patch_nums) ** 2, np.array(cfg.patch_nums) ** 2], 1).astype(np.int32))
 
