@@ -156,7 +156,7 @@ def dense_quant(M: int, K: int, O: int, scheme: str, group: int | None = None):
     return dense_q.with_attr("tirx.is_scheduled", True)
 
 
-DOT_WIDTH = {"pmaddwd": 2, "sdot": 4}   # inputs each instruction sums into one int32 lane
+DOT_WIDTH = {"pmaddwd": 2, "sdot": 4, "dp4a": 4}   # inputs each instruction sums into one int32 lane
 
 
 def dot_for(dot: str | None, K: int) -> str | None:
@@ -238,6 +238,78 @@ def dense_w8a8_dot(M: int, K: int, O: int, dot: str):
                         y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii * L + u]) * sx[r * mi + ii, i64(0)] * ws[p * L + u]
 
     return dense_q.with_attr("tirx.is_scheduled", True)
+
+
+DP4A_TILE, DP4A_THREADS, DP4A_KW = 64, 16, 8   # outputs per block side, threads per side, int32 words per K step
+
+
+def pack_dp4a(qweight: np.ndarray) -> np.ndarray:
+    """int8 O×K → K/4 × O × 4: each int32 word holds one channel's weights for 4 consecutive inputs."""
+    O, K = qweight.shape
+    if K % 4:
+        raise ValueError(f"dp4a packing needs K % 4 == 0, got {K}")
+    return np.ascontiguousarray(qweight.reshape(O, K // 4, 4).transpose(1, 0, 2))
+
+
+@lru_cache(maxsize=None)
+def dense_w8a8_dp4a(M: int, K: int, O: int):
+    """CUDA W8A8 on dp4a (4 int8 products summed into an int32 per instruction): (x int8 M×K,
+    sx M×1, w int8 K/4×O×4 (pack_dp4a), sw f32 O) → y without bias, the simulation's arithmetic.
+
+    A block of 16×16 threads computes a 64×64 output tile, each thread 4×4 outputs spaced 16
+    apart (so a warp's shared-memory reads and global writes are consecutive); each step stages
+    8 words (32 inputs) of the activation rows and of the weight columns in shared memory.
+    Edges are zero-filled, so M and O need not divide the tile (M is 2·pn² tokens)."""
+    KW, T_, N, S = K // 4, DP4A_TILE, DP4A_THREADS, DP4A_KW
+    R = T_ // N                                 # outputs per thread along each side
+    steps = (KW + S - 1) // S
+    loads = T_ * S // (N * N)                   # words each thread stages per tile and step
+    i64 = T.int64
+
+    @T.prim_func(private=True)
+    def w8a8(x: T.Buffer((i64(M), i64(K)), "int8"),
+             sx: T.Buffer((i64(M), i64(1)), "float32"),
+             wq: T.Buffer((i64(KW), i64(O), i64(4)), "int8"),
+             ws: T.Buffer((i64(O),), "float32"),
+             y: T.Buffer((i64(M), i64(O)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        xw = T.decl_buffer((M * KW,), "int32", data=x.data)
+        ww = T.decl_buffer((KW * O,), "int32", data=wq.data)
+        for by in T.thread_binding((M + T_ - 1) // T_, thread="blockIdx.y"):
+            for bx in T.thread_binding((O + T_ - 1) // T_, thread="blockIdx.x"):
+                for ty in T.thread_binding(N, thread="threadIdx.y"):
+                    for tx in T.thread_binding(N, thread="threadIdx.x"):
+                        xs = T.decl_buffer((T_ * S,), "int32", scope="shared")     # [row][word]
+                        wsh = T.decl_buffer((S * T_,), "int32", scope="shared")    # [word][column]
+                        acc = T.decl_buffer((R * R,), "int32", scope="local")
+                        for a in T.unroll(R * R):
+                            acc[a] = 0
+                        for step in range(steps):
+                            T.tvm_storage_sync("shared")
+                            for l in T.unroll(loads):
+                                e = (ty * N + tx) * loads + l
+                                if by * T_ + e // S < M and step * S + e % S < KW:
+                                    xs[e] = xw[(by * T_ + e // S) * KW + step * S + e % S]
+                                else:
+                                    xs[e] = 0
+                                if step * S + e // T_ < KW and bx * T_ + e % T_ < O:
+                                    wsh[e] = ww[(step * S + e // T_) * O + bx * T_ + e % T_]
+                                else:
+                                    wsh[e] = 0
+                            T.tvm_storage_sync("shared")
+                            for kk in T.unroll(S):
+                                for i in T.unroll(R):
+                                    for j in T.unroll(R):
+                                        acc[i * R + j] = T.call_pure_extern(
+                                            "int32", "__dp4a", xs[(i * N + ty) * S + kk], wsh[kk * T_ + j * N + tx], acc[i * R + j])
+                        for i in T.unroll(R):
+                            for j in T.unroll(R):
+                                if by * T_ + i * N + ty < M and bx * T_ + j * N + tx < O:
+                                    y[by * T_ + i * N + ty, bx * T_ + j * N + tx] = (
+                                        T.Cast("float32", acc[i * R + j]) * sx[by * T_ + i * N + ty, i64(0)]
+                                        * ws[bx * T_ + j * N + tx])
+
+    return w8a8.with_attr("tirx.is_scheduled", True)
 
 
 def dequantize_gpu(K: int, O: int, group: int):

@@ -83,6 +83,8 @@ def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
             listing = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", art / code["file"]],
                                      capture_output=True, text=True).stdout
             assert "sm_87" in listing and ".ptx" in listing
+            sass = subprocess.run([cuobjdump, "-sass", art / code["file"]], capture_output=True, text=True).stdout
+            assert "IDP.4A" in sass                                # W8A8 runs on dp4a
     # the artifact says what it is built for, and this x86 machine refuses to load it
     with pytest.raises(ArtifactError, match="built for aarch64"):
         CompiledVAR(art)

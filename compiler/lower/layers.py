@@ -18,19 +18,22 @@ def placeholder(shape, dtype="float32"):
 class Dense(nn.Module):
     """y = x·Wᵀ + b from a torch Linear or a QuantLinear (w8a8, w4a16, w4a8), the weights in the
     layout of the target's kernel: panels (CPU) or K×O (GPU, for DLight). `gpu`: False, "cuda"
-    or "opencl"; `int_dot`: the CPU's integer dot product for W8A8 ("pmaddwd", "sdot" or None)."""
+    or "opencl"; `int_dot`: the CPU's integer dot product for W8A8 ("pmaddwd", "sdot" or None;
+    CUDA W8A8 runs on dp4a)."""
 
     def __init__(self, linear, bias=None, gpu: str | bool = False, int_dot: str | None = None):
         self.gpu = gpu
-        self.dot = None if gpu or not isinstance(linear, QuantLinear) or linear.scheme.name != "w8a8" \
-            else qmatmul.dot_for(int_dot, linear.in_features)
+        w8a8 = isinstance(linear, QuantLinear) and linear.scheme.name == "w8a8"
+        dot = "dp4a" if gpu == "cuda" else None if gpu else int_dot
+        self.dot = qmatmul.dot_for(dot, linear.in_features) if w8a8 else None
         if isinstance(linear, QuantLinear):
             self.scheme, self.group = linear.scheme.name, linear.scheme.group
             if self.scheme not in ("w8a8", "w4a16", "w4a8"):
                 raise UserError(f"scheme {self.scheme} is simulation-only and has no compiled kernel")
             if self.scheme == "w8a8":
                 q = linear.qweight.numpy()
-                self.wp = param(qmatmul.pack_int8_dot(q, self.dot) if self.dot else matmul.pack_weight(q, gpu))
+                self.wp = param(qmatmul.pack_dp4a(q) if self.dot == "dp4a" else qmatmul.pack_int8_dot(q, self.dot)
+                                if self.dot else matmul.pack_weight(q, gpu))
                 self.sw = param(linear.scales.float())
             else:
                 scales = linear.scales
@@ -74,7 +77,8 @@ class Dense(nn.Module):
 
     def _forward_gpu(self, x2, M, K):
         """Plain Relax matmuls (weights K×O) that DLight's GPU rules schedule, fused with the
-        epilogue; W8A8 multiplies int8 by int8 into int32 like the CPU kernel."""
+        epilogue; W8A8 multiplies int8 by int8 into int32 like the CPU kernel (on CUDA with
+        dp4a, in our kernel)."""
         O = self.out_features
         if self.scheme == "fp32":
             return op.add(op.matmul(x2, self.wp), self.b)
@@ -86,8 +90,12 @@ class Dense(nn.Module):
             y = op.tensor_ir_op(qmatmul.dense_w4a8_gpu(M, K, O, self.group), "dense_w4a8", [xq, sx, self.wp, self.sw],
                                 placeholder([M, O]))
             return op.add(y, self.b)
-        acc = op.matmul(xq, self.wp, out_dtype="int32")
-        y = op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw)
+        if self.dot == "dp4a":
+            y = op.tensor_ir_op(qmatmul.dense_w8a8_dp4a(M, K, O), "dense_w8a8_dp4a", [xq, sx, self.wp, self.sw],
+                                placeholder([M, O]))
+        else:   # OpenCL: an int8 matmul for DLight
+            acc = op.matmul(xq, self.wp, out_dtype="int32")
+            y = op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw)
         return op.tensor_ir_op(matmul.add_bias_gpu(M, O), "add_bias", [y, self.b], placeholder([M, O]))
 
 
