@@ -102,18 +102,21 @@ def runner_for(args, board):
     """Measure here (LocalRunner), or on a board (RPCRunner) reached directly (--rpc) or through
     a tracker (--tracker); for a board the candidates are cross-linked here."""
     from tvm.s_tir import meta_schedule as ms
+
+    from compiler import tune_worker
     if not (args.tracker or args.rpc):
         if board.cross:
             raise UserError(f"--target {board.name}: its kernels cannot run on this machine; measure on the "
                             f"board with --rpc HOST:PORT or --tracker HOST:PORT --key {board.rpc_key}")
-        return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT), ms.runner.LocalRunner()
+        return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_build=tune_worker.build), ms.runner.LocalRunner()
     from host.net import parse_addr
     host, port = parse_addr(args.rpc or args.tracker, "--rpc" if args.rpc else "--tracker")
     # RPCConfig only knows trackers: for --rpc its tracker fields hold the server's address,
     # and _direct_session connects to it
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=args.key or board.rpc_key,
                                  session_timeout_sec=120)
-    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_export=_cross_export if board.cross else None)
+    builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_build=tune_worker.build,
+                                      f_export=_cross_export if board.cross else None)
     return builder, ms.runner.RPCRunner(config, f_create_session=_direct_session if args.rpc else None)
 
 
@@ -136,6 +139,7 @@ def tune(tasks, db: Path, trials: int, round_trials: int, builder, runner, per_i
     from tvm.s_tir import meta_schedule as ms
     db.mkdir(parents=True, exist_ok=True)
     clean_database(db, log)
+    _cpu_intrinsics_only(tasks)
     done, rnd = 0, 0
     while done < trials:
         rnd += 1
@@ -153,6 +157,32 @@ def tune(tasks, db: Path, trials: int, round_trials: int, builder, runner, per_i
         done += n
         log(f"round {rnd} done: {clean_database(db, log)} records in {db}")
     return clean_database(db, log)
+
+
+def _cpu_intrinsics_only(tasks) -> None:
+    """MetaSchedule's TuneContext imports tvm.s_tir.tensor_intrin, and parsing its CUDA, ROCm and
+    Hexagon intrinsics (TVMScript) costs about a minute of CPU on this machine. CPU tasks can only
+    use the x86, Arm and RISC-V ones: register the package without running its __init__ and
+    import just those. GPU tasks get the whole package."""
+    import importlib
+    import importlib.util
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules or any(t.target.kind.name != "llvm" for t in tasks):
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return
+    package = importlib.util.module_from_spec(spec)   # __path__ set, __init__ not run
+    sys.modules[name] = package
+    try:
+        for sub in ("x86", "arm_cpu", "riscv_cpu"):
+            importlib.import_module(f"{name}.{sub}")
+    except Exception:  # noqa: BLE001  (another TVM: import it the usual way)
+        for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[mod]
+        return
+    import tvm.s_tir
+    tvm.s_tir.tensor_intrin = package
 
 
 @cli
