@@ -23,7 +23,6 @@ import contextlib
 import json
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from device.artifact import load_manifest
 from device.cliargs import labels_from_args
 from device.errors import UserError, cli
 from device.fileio import atomic_path
-from host.net import parse_addr, reachable
+from host.net import rpc_session
 
 
 def board_for_key(key: str):
@@ -47,38 +46,14 @@ def board_for_key(key: str):
 
 def connect(args, manifest):
     """An RPC session to the board, directly or through a tracker (bounded waits)."""
-    from tvm import rpc
     if args.rpc:
-        host, port = parse_addr(args.rpc, "--rpc")
-        reachable(host, port, args.timeout, "RPC server")
-        try:
-            return rpc.connect(host, port, session_timeout=args.timeout * 10)
-        except Exception as e:  # noqa: BLE001  (TVM raises plain errors with long traces)
-            raise UserError(f"--rpc {args.rpc}: {str(e).strip().splitlines()[-1]}") from None
-    host, port = parse_addr(args.tracker, "--tracker")
+        return rpc_session(rpc=args.rpc, timeout=args.timeout, session_timeout=args.timeout * 10)
     key = args.key or targets.load(manifest["target"]).rpc_key
     board = board_for_key(key)
     if board is not None and board.triple.split("-")[0] != manifest.get("triple", "x86_64").split("-")[0]:
         raise UserError(f"{args.artifact}: built for {manifest.get('triple')}, but key '{key}' is a "
                         f"{board.name} ({board.triple}); not uploading")
-    reachable(host, port, args.timeout, "RPC tracker")
-    tracker = rpc.connect_tracker(host, port)
-    # request() waits for a free board without limit: wait in a thread, give up at --timeout
-    box = {}
-
-    def request():
-        try:
-            box["session"] = tracker.request(key, priority=1, session_timeout=args.timeout * 10)
-        except Exception as e:  # noqa: BLE001
-            box["error"] = e
-    waiter = threading.Thread(target=request, daemon=True)
-    waiter.start()
-    waiter.join(args.timeout)
-    if "session" in box:
-        return box["session"]
-    why = str(box["error"]).strip().splitlines()[-1][:120] if "error" in box else "all busy or none registered"
-    raise UserError(f"--tracker {args.tracker}: no board with key '{key}' became free within "
-                    f"{args.timeout:.0f} s ({why})")
+    return rpc_session(tracker=args.tracker, key=key, timeout=args.timeout, session_timeout=args.timeout * 10)
 
 
 def expected_tokens(args, manifest, labels, cfg):
