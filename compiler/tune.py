@@ -1,15 +1,17 @@
 """Tune the kernels our rules schedule generically, with MetaSchedule and its XGBoost cost model.
 
     python -m compiler.tune --target T [--var VAR --vae VAE] [--plan plan.json] [--device cpu]
-                            [--rpc HOST:PORT | --tracker HOST:PORT --key K] --trials N [--round-trials 64]
+                            [--rpc HOST:PORT | --tracker HOST:PORT --key K] [--timeout 60]
+                            --trials N [--round-trials 64]
                             [--tasks SUBSTRING …] [--top 12] [--list] [--db DIR]
 
 The tasks are the model's fused kernels that no hand-written schedule covers (norms, softmax,
 GELU, the f̂ resize, the decoder's non-conv layers, …; the attention, dense and conv kernels of
 schedules/ are scheduled already and are skipped); by default the 12 with the most
 floating-point work per image. Candidates are measured here, or on a board over TVM RPC,
-directly or through a tracker (the library is cross-linked here, so the board needs no
-compiler). The database lives in targets/<target>/tuning/ (tuning-cpu/ for --device cpu), and compiler.build
+directly or through a tracker: each is a shared library linked here (cross-linked for ARM
+boards), so the board only needs TVM's runtime and `python -m tvm.exec.rpc_server`. The
+database lives in targets/<target>/tuning/ (tuning-cpu/ for --device cpu), and compiler.build
 applies it automatically. Tuning runs in rounds of --round-trials measurements; every round's
 records are in the database when it ends, so an interrupted run keeps what it measured. A record
 that does not parse is dropped with a warning before tuning or building.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ from device.fileio import atomic_path
 
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 BUILD_TIMEOUT = 300   # seconds per candidate build: LLVM on a busy 2-core machine exceeds the default 30
+SESSION_TIMEOUT = 120  # seconds an RPC session for one candidate (upload, load, time) may last, at least
 
 
 def extract(var, vae, plan, board, batch: int = 1) -> list:
@@ -100,7 +102,10 @@ def clean_database(db: Path, log=print) -> int:
 
 def runner_for(args, board):
     """Measure here (LocalRunner), or on a board (RPCRunner) reached directly (--rpc) or through
-    a tracker (--tracker); for a board the candidates are cross-linked here."""
+    a tracker (--tracker): for a board every candidate is a shared library linked here
+    (cross-linked for another architecture), so the board needs no compiler."""
+    from functools import partial
+
     from tvm.s_tir import meta_schedule as ms
 
     from compiler import tune_worker
@@ -111,27 +116,16 @@ def runner_for(args, board):
         return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_build=tune_worker.build), ms.runner.LocalRunner()
     from host.net import parse_addr
     host, port = parse_addr(args.rpc or args.tracker, "--rpc" if args.rpc else "--tracker")
-    # RPCConfig only knows trackers: for --rpc its tracker fields hold the server's address,
-    # and _direct_session connects to it
+    # RPCConfig only knows trackers and insists on all three fields; our session function
+    # (tune_worker.session) reads only its session timeout
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=args.key or board.rpc_key,
-                                 session_timeout_sec=120)
+                                 session_timeout_sec=int(max(SESSION_TIMEOUT, 10 * args.timeout)))
+    compiler = board.cross["compiler"] if board.cross else None
     builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_build=tune_worker.build,
-                                      f_export=_cross_export if board.cross else None)
-    return builder, ms.runner.RPCRunner(config, f_create_session=_direct_session if args.rpc else None)
-
-
-def _direct_session(config):
-    from tvm import rpc
-    return rpc.connect(config.tracker_host, config.tracker_port, session_timeout=config.session_timeout_sec)
-
-
-def _cross_export(mod) -> str:
-    """LocalBuilder's export step, linked with the aarch64 cross compiler (the board has none)."""
-    import tempfile
-    from tvm.support import cc
-    path = os.path.join(tempfile.mkdtemp(), "tuned.so")
-    mod.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
-    return path
+                                      f_export=partial(tune_worker.export_shared, compiler=compiler))
+    session = partial(tune_worker.session, rpc=args.rpc, tracker=args.tracker, key=args.key or board.rpc_key,
+                      timeout=args.timeout)
+    return builder, ms.runner.RPCRunner(config, f_create_session=session, f_alloc_argument=tune_worker.alloc_arguments)
 
 
 def tune(tasks, db: Path, trials: int, round_trials: int, builder, runner, per_iter: int = 8,
@@ -198,6 +192,9 @@ def main(argv=None):
     where.add_argument("--rpc", help="HOST:PORT of a board's rpc_server: measure there")
     where.add_argument("--tracker", help="HOST:PORT of an RPC tracker: measure on a board registered there")
     ap.add_argument("--key", help="the board's tracker key (default: the target's rpc_key)")
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds to wait for the board, or for a free one from the tracker (default 60); "
+                         "one candidate's session may last 10× that, at least 120 s")
     ap.add_argument("--tasks", nargs="+", metavar="SUBSTRING", help="tune only tasks whose name contains one")
     ap.add_argument("--top", type=int, default=12, help="tune the N tasks with the most work per image (default 12)")
     ap.add_argument("--list", action="store_true", help="list the tasks and exit")
