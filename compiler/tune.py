@@ -10,11 +10,13 @@ GELU, the f̂ resize, the decoder's non-conv layers, …; the attention, dense a
 schedules/ are scheduled already and are skipped); by default the 12 with the most
 floating-point work per image. Candidates are measured here, or on a board over TVM RPC,
 directly or through a tracker: each is a shared library linked here (cross-linked for ARM
-boards), so the board only needs TVM's runtime and `python -m tvm.exec.rpc_server`. The
-database lives in targets/<target>/tuning/ (tuning-cpu/ for --device cpu), and compiler.build
-applies it automatically. Tuning runs in rounds of --round-trials measurements; every round's
-records are in the database when it ends, so an interrupted run keeps what it measured. A record
-that does not parse is dropped with a warning before tuning or building.
+boards), so the board only needs TVM's runtime and `python -m tvm.exec.rpc_server`. The board
+must answer within --timeout before anything slow starts, and a round in which every
+measurement failed stops the run. The database lives in targets/<target>/tuning/ (tuning-cpu/
+for --device cpu), and compiler.build applies it automatically. Tuning runs in rounds of
+--round-trials measurements; every round's records are in the database when it ends, so an
+interrupted run keeps what it measured. A record that does not parse is dropped with a warning
+before tuning or building.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from device.fileio import atomic_path
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 BUILD_TIMEOUT = 300   # seconds per candidate build: LLVM on a busy 2-core machine exceeds the default 30
 SESSION_TIMEOUT = 120  # seconds an RPC session for one candidate (upload, load, time) may last, at least
+FAILED = 1e9           # MetaSchedule records a failed build or run as 1e10 s
 
 
 def extract(var, vae, plan, board, batch: int = 1) -> list:
@@ -100,6 +103,28 @@ def clean_database(db: Path, log=print) -> int:
     return len(records)
 
 
+def check_where(args, board, connect: bool = True) -> None:
+    """--rpc, or --tracker with --key, and (`connect`) a board that answers within --timeout;
+    else one line."""
+    if args.tracker and not args.key:
+        raise UserError(f"--tracker needs --key: the key the board registered under "
+                        f"(targets/{board.name}.toml says {board.rpc_key!r})")
+    if args.key and not args.tracker:
+        raise UserError("--key only applies with --tracker")
+    if args.timeout <= 0:
+        raise UserError("--timeout must be positive")
+    if args.tracker:
+        from host.deploy import board_for_key
+        other = board_for_key(args.key)
+        if other is not None and other.arch != board.arch:
+            raise UserError(f"--key {args.key} is a {other.name} ({other.triple}); --target {board.name} "
+                            f"builds for {board.triple}")
+    if connect and (args.rpc or args.tracker):
+        from host.net import rpc_session
+        rpc_session(rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout,
+                    session_timeout=args.timeout)   # dropped at once: the board ends it
+
+
 def runner_for(args, board):
     """Measure here (LocalRunner), or on a board (RPCRunner) reached directly (--rpc) or through
     a tracker (--tracker): for a board every candidate is a shared library linked here
@@ -123,13 +148,21 @@ def runner_for(args, board):
     compiler = board.cross["compiler"] if board.cross else None
     builder = ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_build=tune_worker.build,
                                       f_export=partial(tune_worker.export_shared, compiler=compiler))
-    session = partial(tune_worker.session, rpc=args.rpc, tracker=args.tracker, key=args.key or board.rpc_key,
-                      timeout=args.timeout)
+    session = partial(tune_worker.session, rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout)
     return builder, ms.runner.RPCRunner(config, f_create_session=session, f_alloc_argument=tune_worker.alloc_arguments)
 
 
+def board_option(args) -> str:
+    """How the user named the board, for messages ("" when measuring here)."""
+    return f"--rpc {args.rpc}" if args.rpc else f"--tracker {args.tracker} --key {args.key}" if args.tracker else ""
+
+
 def tune(tasks, db: Path, trials: int, round_trials: int, builder, runner, per_iter: int = 8,
-         log=print) -> int:
+         log=print, board: str = "", recheck=None) -> int:
+    """Tune in rounds; `board` names where candidates run (--rpc …, --tracker …; "" here). A round
+    whose every new measurement failed stops the run with one line (after `recheck()`, which
+    raises if the board went away), and its failed records are dropped: they would keep a later
+    run from measuring those candidates again."""
     from tvm.s_tir import meta_schedule as ms
     db.mkdir(parents=True, exist_ok=True)
     clean_database(db, log)
@@ -139,6 +172,7 @@ def tune(tasks, db: Path, trials: int, round_trials: int, builder, runner, per_i
         rnd += 1
         n = min(round_trials, trials - done)
         log(f"round {rnd}: {n} trials over {len(tasks)} tasks ({done}/{trials} done)")
+        before = _lines(db / RECORDS)
         # a population sized to the round: the default 512 costs minutes per task on 2 cores
         batch = min(per_iter, n)
         strategy = ms.search_strategy.EvolutionarySearch(population_size=max(64, min(512, 32 * batch)))
@@ -149,8 +183,28 @@ def tune(tasks, db: Path, trials: int, round_trials: int, builder, runner, per_i
                       database=ms.database.JSONDatabase(str(db / WORKLOADS), str(db / RECORDS)),
                       cost_model="xgb")
         done += n
+        new = _lines(db / RECORDS)[len(before):]
+        if new and all(_failed(line) for line in new):
+            with atomic_path(db / RECORDS) as tmp:
+                tmp.write_text("".join(line + "\n" for line in before))
+            if recheck is not None:
+                recheck()
+            raise UserError(f"{board + ': ' if board else ''}all {len(new)} measurements of round {rnd} failed "
+                            f"(their records dropped; MetaSchedule's errors are in {db / 'logs'})")
         log(f"round {rnd} done: {clean_database(db, log)} records in {db}")
     return clean_database(db, log)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _failed(record_line: str) -> bool:
+    """A record whose candidate did not build or run (MetaSchedule stores 1e10 s)."""
+    try:
+        return min(json.loads(record_line)[1][1] or [FAILED]) >= FAILED
+    except (ValueError, TypeError, IndexError):
+        return False   # not ours to judge: clean_database drops what does not parse
 
 
 def _cpu_intrinsics_only(tasks) -> None:
@@ -191,7 +245,7 @@ def main(argv=None):
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--rpc", help="HOST:PORT of a board's rpc_server: measure there")
     where.add_argument("--tracker", help="HOST:PORT of an RPC tracker: measure on a board registered there")
-    ap.add_argument("--key", help="the board's tracker key (default: the target's rpc_key)")
+    ap.add_argument("--key", help="the key the board registered under with the tracker (targets/*.toml rpc_key)")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds to wait for the board, or for a free one from the tracker (default 60); "
                          "one candidate's session may last 10× that, at least 120 s")
@@ -204,6 +258,7 @@ def main(argv=None):
         raise UserError("--trials and --round-trials must be at least 1")
     board = board_for(args.target, args.device)
     check_cross_compiler(board)
+    check_where(args, board, connect=not args.list)   # before anything slow, bounded by --timeout
     var, vae = load_models(args.var, args.vae)
     plan = load_plan(args.plan, var.cfg) if args.plan else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -222,7 +277,8 @@ def main(argv=None):
         return
     builder, runner = runner_for(args, board)
     db = args.db or board.tuning_dir
-    n = tune(tasks, db, args.trials, args.round_trials, builder, runner, log=log)
+    n = tune(tasks, db, args.trials, args.round_trials, builder, runner, log=log, board=board_option(args),
+             recheck=(lambda: check_where(args, board)) if args.rpc or args.tracker else None)
     print(f"{n} tuning records in {db}; compiler.build --target {args.target} applies them")
 
 
