@@ -1,6 +1,7 @@
 """Shared fixtures: official-format state dicts built from the key manifest, and tiny models."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from compiler.model.config import VARConfig, VQVAEConfig
 from compiler.official import OFFICIAL_MANIFEST, random_official_state_dict
 from compiler.model.var import VAR
 from compiler.model.vqvae import VQVAE
+from host.net import stop_group, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = OFFICIAL_MANIFEST
@@ -45,6 +47,20 @@ def tiny_ckpts(tmp_path):
     torch.save(var.state_dict(), pv)
     torch.save(vae.state_dict(), pe)
     return pv, pe
+
+
+def serve(*args, port, log=None):
+    """Start a TVM RPC process (`tvm.exec.rpc_server` or `tvm.exec.rpc_tracker`, then its own
+    options) on loopback and wait until it accepts connections; its output goes to `log` (a
+    path) if given. host.net.stop_group ends it with its workers."""
+    with open(log, "w") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
+        p = subprocess.Popen([sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port),
+                              "--port-end", str(port + 1)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)   # killpg ends the server's workers too
+    if not wait_listening(port, 60, p):
+        stop_group(p)
+        raise RuntimeError(f"{args[0]} did not start")
+    return p
 
 
 def run_cli(*args, timeout=600):

@@ -7,20 +7,9 @@ import time
 import pytest
 
 from compiler.build import build
-from conftest import ROOT, run_cli, tiny_models
-from host.net import free_port, wait_listening
+from conftest import ROOT, run_cli, serve, tiny_models
+from host.net import free_port
 from host.net import stop_group as stop
-
-
-def serve(*args, port):
-    """Start a TVM RPC process on loopback and wait until it accepts connections."""
-    p = subprocess.Popen([sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(port),
-                          "--port-end", str(port + 1)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)   # killpg ends the server's workers too
-    if not wait_listening(port, 60, p):
-        stop(p)
-        raise RuntimeError(f"{args[0]} did not start")
-    return p
 
 
 @pytest.fixture(scope="module")
