@@ -56,20 +56,20 @@ def test_tune_one_task_then_build_with_the_database(tiny_ckpts, tmp_path):
 
 
 # Tuning on a board over TVM RPC: TVM's own rpc_server (and tracker) on loopback play the board.
-# One cheap task (a 4-call reduction of the tiny model) and two trials keep each run near a minute.
+# One cheap task (a 4-call reduction of the tiny model) and one trial keep each run under a minute.
 CHEAP_TASK = "fused_tir_square_sum"
 
 
 def tune_cli(ckpts, db, *where, timeout=600):
     var_path, vae_path = ckpts
     return run_cli("compiler.tune", "--target", "host", "--var", var_path, "--vae", vae_path, "--tasks", CHEAP_TASK,
-                   "--trials", "2", "--round-trials", "2", "--db", db, *where, timeout=timeout)
+                   "--trials", "1", "--round-trials", "1", "--db", db, *where, timeout=timeout)
 
 
 def measured(db) -> list:
     """The records in the database, each checked to be a measurement (not a failure, 1e10 s)."""
     records = [json.loads(line) for line in (db / RECORDS).read_text().splitlines()]
-    assert 1 <= len(records) <= 2 and all(min(rec[1][1]) < 1.0 for rec in records)
+    assert len(records) == 1 and all(min(rec[1][1]) < 1.0 for rec in records)
     return records
 
 
@@ -112,6 +112,19 @@ def test_tune_on_a_board_through_a_tracker(tiny_ckpts, tmp_path):
     assert len(loaded_by(tmp_path / "board.log")) >= len(measured(db))
 
 
+def test_inputs_are_made_here_when_the_board_cannot_make_them():
+    """A runtime-only TVM (host.emulate's, a board's) has no random_fill_for_measure."""
+    import tvm
+
+    from compiler.tune_worker import alloc_arguments
+
+    class RuntimeOnly:
+        def get_function(self, name):
+            raise AttributeError(f"Module has no function '{name}'")
+    [(x, idx)] = alloc_arguments(RuntimeOnly(), tvm.cpu(), [["TENSOR", "float32", [4, 8]], ["TENSOR", "int64", [3]]], 1)
+    assert x.numpy().std() > 0 and (abs(x.numpy()) <= 1).all() and not idx.numpy().any()   # indices stay in bounds
+
+
 def one_line_error(r, *words):
     """tune stopped with status 2 and a last line `error: …` holding `words`."""
     assert r.returncode == 2, r.stderr[-2000:]
@@ -145,7 +158,7 @@ def test_board_gone_mid_run_stops_with_one_line_naming_rpc(tiny_ckpts, tmp_path)
     port, db, log = free_port(), tmp_path / "db", tmp_path / "board.log"
     board = serve("tvm.exec.rpc_server", port=port, log=log)
     p = subprocess.Popen([sys.executable, "-m", "compiler.tune", "--target", "host", "--var", str(tiny_ckpts[0]),
-                          "--vae", str(tiny_ckpts[1]), "--tasks", CHEAP_TASK, "--trials", "2", "--round-trials", "2",
+                          "--vae", str(tiny_ckpts[1]), "--tasks", CHEAP_TASK, "--trials", "1", "--round-trials", "1",
                           "--rpc", f"127.0.0.1:{port}", "--timeout", "3", "--db", str(db)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -173,7 +186,7 @@ def test_tune_for_rpi5_on_the_emulated_board_then_run_the_tuned_build_there(tiny
     board = emulate(port, log=lambda s: print(s, file=sys.stderr))
     try:
         r = run_cli("compiler.tune", "--target", "rpi5", "--var", tiny_ckpts[0], "--vae", tiny_ckpts[1], "--tasks",
-                    CHEAP_TASK, "--trials", "2", "--round-trials", "2", "--rpc", f"127.0.0.1:{port}", "--db", db,
+                    CHEAP_TASK, "--trials", "1", "--round-trials", "1", "--rpc", f"127.0.0.1:{port}", "--db", db,
                     timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
         assert len(loaded_by(CACHE / f"rpc_server.{port}.log")) >= len(measured(db))
