@@ -7,7 +7,8 @@ For the transformer shapes of the model at its last scale (2 × n tokens under C
   kernel, PyTorch's fp32 Linear and PyTorch's dynamic int8 Linear (fbgemm);
 - attention of the last scale against the whole KV cache: dense, MDWA bands of several widths
   (the cost should follow the kept pairs: time / dense ≤ 1.5 × kept fraction), ASC, and
-  PyTorch's scaled_dot_product_attention on the dense problem.
+  PyTorch's scaled_dot_product_attention on the dense problem;
+- the 3×3 convolutions of the VQVAE decoder at their image sizes against PyTorch's conv2d.
 Each row gives the median time, GFLOP/s (multiply-adds × 2, kept pairs only for attention) and
 the fraction of this CPU's peak, measured first by a kernel of independent vector FMAs.
 Engines are timed in rounds (A, B, C, A, B, C, …), so load on this shared machine hits all alike.
@@ -31,11 +32,15 @@ from compiler.compress.quant import W4A8, W4A16, W8A8
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
 from device.cores import claim_cores
-from schedules import attention, matmul, qmatmul
+from schedules import attention, conv, matmul, qmatmul
 
 SHAPES = {  # width, heads, MLP hidden, vocabulary, patch_nums
     "d16": (1024, 16, 4096, 4096, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
     "demo": (128, 2, 512, 1024, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
+}
+CONVS = {  # decoder 3×3 convolutions: in channels, out channels, image side
+    "d16": ((160, 160, 256), (160, 160, 128), (320, 320, 64), (640, 640, 16), (160, 3, 256)),
+    "demo": ((64, 64, 16), (64, 64, 32), (32, 32, 32), (32, 3, 32)),
 }
 WINDOWS = (64, 16, 4)      # band half-widths (in key tokens of the query's own scale) to measure
 DENSE_SCALES = 3           # key scales 0–2 stay dense, as LiteVAR keeps them
@@ -197,6 +202,21 @@ def attention_engines(width: int, heads: int, pns) -> tuple[dict, dict]:
     return engines, kept
 
 
+def conv_engines(Ci: int, Co: int, side: int, k: int = 3) -> dict:
+    rng = np.random.default_rng(Ci + side)
+    x = rng.standard_normal((1, Ci, side, side)).astype(np.float32)
+    w = (rng.standard_normal((Co, Ci, k, k)) / np.sqrt(Ci * k * k)).astype(np.float32)
+    b = np.zeros(Co, np.float32)
+    f = compile_kernel(conv.conv2d(1, Ci, side, side, Co, k))
+    args = tensors(x, conv.pack_weight(w), b) + [tvm.runtime.empty((1, Co, side, side), "float32", tvm.cpu())]
+    xt, wt, bt = (torch.from_numpy(a) for a in (x, w, b))
+
+    def torch_conv():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(xt, wt, bt, padding=k // 2)
+    return {"tvm conv": lambda: f(*args), "torch conv2d": torch_conv}
+
+
 def run(model: str, repeat: int, log=print) -> dict:
     width, heads, hidden, vocab, pns = SHAPES[model]
     M = 2 * pns[-1] ** 2
@@ -206,7 +226,7 @@ def run(model: str, repeat: int, log=print) -> dict:
     log(f"measuring this CPU's fp32 peak ({threads} threads of vector FMAs) …")
     peak = measured_peak_gflops()
     log(f"  {peak:.0f} GFLOP/s")
-    report = {"model": model, "tokens": M, "peak_gflops": peak, "dense": [], "attention": []}
+    report = {"model": model, "tokens": M, "peak_gflops": peak, "dense": [], "attention": [], "conv": []}
     layers = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, hidden),
               "fc2": (hidden, width), "head": (width, vocab)}
     for layer, (K, O) in layers.items():
@@ -227,6 +247,14 @@ def run(model: str, repeat: int, log=print) -> dict:
         report["attention"].append({"engine": name, "ms": t * 1e3, "kept_fraction": kept[name],
                                     "time_vs_dense": rel, "cost_per_kept": rel / kept[name],
                                     "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak})
+    for Ci, Co, side in CONVS[model]:
+        log(f"conv 3×3 {Ci}→{Co} at {side}×{side}, compiling …")
+        times = side_by_side(conv_engines(Ci, Co, side), repeat)
+        flops = 2.0 * Ci * Co * 9 * side * side
+        for name, t in times.items():
+            report["conv"].append({"Ci": Ci, "Co": Co, "side": side, "engine": name, "ms": t * 1e3,
+                                   "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak,
+                                   "vs_torch": times["torch conv2d"] / t})
     return report
 
 
@@ -241,6 +269,11 @@ def print_report(r: dict, log=print):
     for a in r["attention"]:
         log(f"{a['engine']:26} {a['ms']:8.2f} {a['kept_fraction']:7.1%} {a['time_vs_dense']:11.3f} "
             f"{a['cost_per_kept']:7.2f} {a['gflops']:8.1f} {a['of_peak']:8.1%}")
+    log("\nDecoder convolutions (3×3, batch 1)")
+    log(f"{'shape':22} {'engine':14} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8} {'vs torch':>9}")
+    for c in r["conv"]:
+        shape = f"{c['Ci']}→{c['Co']} @ {c['side']}²"
+        log(f"{shape:22} {c['engine']:14} {c['ms']:8.2f} {c['gflops']:8.1f} {c['of_peak']:8.1%} {c['vs_torch']:8.2f}×")
 
 
 @cli

@@ -34,6 +34,9 @@ def test_schedules_bench_reports_every_kernel(tmp_path):
     assert att["MDWA w=64"]["kept_fraction"] > att["MDWA w=16"]["kept_fraction"] > att["MDWA w=4"]["kept_fraction"]
     assert att["MDWA w=16 + ASC output"]["kept_fraction"] == att["MDWA w=16"]["kept_fraction"] / 2
     assert report["peak_gflops"] > 0 and "time / dense" in r.stdout
+    convs = {(c["Ci"], c["Co"], c["side"]) for c in report["conv"]}
+    assert (64, 64, 32) in convs and {c["engine"] for c in report["conv"]} == {"tvm conv", "torch conv2d"}
+    assert "Decoder convolutions" in r.stdout
     bad = run_cli("schedules.bench", "--repeat", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --repeat must be at least 1, got 0"
 
