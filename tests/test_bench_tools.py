@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from compiler.compress.plan import load_plan
 from compiler.compress.mdwa import kept_pairs
 from conftest import ROOT, run_cli
@@ -59,3 +61,19 @@ def test_host_bench_names_an_unknown_engine(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --engines: unknown engine 'tensorrt'; known: pytorch, onnxruntime, tvm_dense, tvm_plan"
     assert not (tmp_path / "b.json").exists()
+
+
+def test_gpu_bench_refuses_cpu_targets_and_missing_libraries(tmp_path):
+    r = run_cli("schedules.gpu_bench", "build", "--target", "rpi5", "--out", tmp_path / "g")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        "error: --target rpi5: runs kernels on cpu; this benchmark is for CUDA boards"
+    assert not (tmp_path / "g").exists()
+    r = run_cli("schedules.gpu_bench", "run", tmp_path)
+    assert r.returncode == 2 and "no shapes.json" in r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_bench_builds_every_kernel(tmp_path):
+    r = run_cli("schedules.gpu_bench", "build", "--target", "jetson-orin", "--out", tmp_path / "g", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "g").glob("*.so"))) == 9 and (tmp_path / "g" / "shapes.json").is_file()

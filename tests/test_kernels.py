@@ -209,3 +209,32 @@ def test_conv2d_matches_pytorch(B, Ci, H, W, Co, k):
     (y,) = run(conv2d(B, Ci, H, W, Co, k), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
     want = torch.nn.functional.conv2d(*map(torch.from_numpy, (x, w, b)), padding=k // 2).numpy()
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", [None, W8A8()], ids=["fp32", "w8a8"])
+def test_dense_layer_pads_rows_without_a_good_tile(scheme):
+    """98 tokens (2·7²) run as 100 rows; the padding never reaches the output."""
+    from tvm.relax.frontend import nn as rnn
+
+    import targets
+    from compiler.build import pipeline
+    from compiler.compress.quant import QuantLinear
+    from compiler.lower.layers import Dense, padded_rows
+    M, K, O = 98, 64, 32
+    assert padded_rows(M) == 100
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, O)
+    layer = lin if scheme is None else QuantLinear(lin, scheme)
+    board = targets.load("host")
+    d = Dense(layer, int_dot=board.int_dot)
+    mod, named = d.export_tvm(spec={"forward": {"x": rnn.spec.Tensor([M, K], "float32"),
+                                                "$": {"param_mode": "plain", "effect_mode": "none"}}})
+    t = board.tvm_target()
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=t, relax_pipeline=pipeline(t)), tvm.cpu())
+    x = torch.randn(M, K) * 3
+    y = vm["forward"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(p.np_value) for _, p in named]).numpy()
+    want = layer(x).detach().numpy()
+    if scheme is None:
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(y, want)
