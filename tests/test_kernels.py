@@ -238,3 +238,18 @@ def test_dense_layer_pads_rows_without_a_good_tile(scheme):
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     else:
         np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("B,C,H,W,G", [(1, 64, 16, 16, 32), (2, 12, 5, 8, 4), (1, 6, 3, 8, 3)])
+@pytest.mark.parametrize("with_silu", [False, True])
+def test_group_norm_matches_pytorch(B, C, H, W, G, with_silu):
+    from schedules.groupnorm import group_norm
+    rng = np.random.default_rng(C + H)
+    x = (rng.standard_normal((B, C, H, W)) * 4 + 1).astype(np.float32)
+    x[0, 0, 0, :4] = [-60.0, 60.0, 0.0, -0.0]          # SiLU's far tails and zero
+    g, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    (y,) = run(group_norm(B, C, H, W, G, 1e-6, with_silu), x, g, b, out=[((B, C, H, W), "float32")])
+    want = torch.nn.functional.group_norm(*map(torch.from_numpy, (x, )), G, torch.from_numpy(g), torch.from_numpy(b), 1e-6)
+    if with_silu:
+        want = torch.nn.functional.silu(want)
+    np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=2e-5)

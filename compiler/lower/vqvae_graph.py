@@ -17,6 +17,7 @@ from compiler.lower.layers import placeholder
 from compiler.lower.params import param
 from compiler.model.vqvae import VQVAE
 from schedules import conv as conv_kernels
+from schedules import groupnorm as norm_kernels
 
 
 def interpolation_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
@@ -53,29 +54,38 @@ class Conv(nn.Module):
 
 
 class Norm(nn.Module):
-    def __init__(self, gn):
-        self.weight, self.bias, self.groups, self.eps = param(gn.weight), param(gn.bias), gn.num_groups, gn.eps
+    """GroupNorm, then SiLU when `silu`: on the CPU through schedules/groupnorm.py, on GPUs
+    through Relax's group_norm (DLight schedules it)."""
 
-    def forward(self, x):
-        return op.group_norm(x, self.groups, self.weight, self.bias, eps=self.eps)
+    def __init__(self, gn, gpu: bool):
+        self.weight, self.bias, self.groups, self.eps = param(gn.weight), param(gn.bias), gn.num_groups, gn.eps
+        self.gpu = gpu
+
+    def forward(self, x, silu: bool = False):
+        B, C, H, W = (int(d) for d in x.shape)
+        if self.gpu or not norm_kernels.applies(H, W):
+            h = op.group_norm(x, self.groups, self.weight, self.bias, eps=self.eps)
+            return op.silu(h) if silu else h
+        return op.tensor_ir_op(norm_kernels.group_norm(B, C, H, W, self.groups, self.eps, silu), "group_norm",
+                               [x, self.weight, self.bias], placeholder([B, C, H, W]))
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, blk, gpu: bool):
-        self.norm1, self.conv1 = Norm(blk.norm1), Conv(blk.conv1, gpu)
-        self.norm2, self.conv2 = Norm(blk.norm2), Conv(blk.conv2, gpu)
+        self.norm1, self.conv1 = Norm(blk.norm1, gpu), Conv(blk.conv1, gpu)
+        self.norm2, self.conv2 = Norm(blk.norm2, gpu), Conv(blk.conv2, gpu)
         self.shortcut = Conv(blk.nin_shortcut, gpu) if isinstance(blk.nin_shortcut, torch.nn.Conv2d) else None
 
     def forward(self, x):
-        h = self.conv1(op.silu(self.norm1(x)))
-        h = self.conv2(op.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         return op.add(self.shortcut(x) if self.shortcut is not None else x, h)
 
 
 class AttnBlock(nn.Module):
     def __init__(self, blk, gpu: bool):
         self.C = blk.C
-        self.norm, self.qkv, self.proj_out = Norm(blk.norm), Conv(blk.qkv, gpu), Conv(blk.proj_out, gpu)
+        self.norm, self.qkv, self.proj_out = Norm(blk.norm, gpu), Conv(blk.qkv, gpu), Conv(blk.proj_out, gpu)
 
     def forward(self, x):
         B, C, H, W = (int(d) for d in x.shape)
@@ -105,7 +115,7 @@ class Decoder(nn.Module):
             lv.upsample = Conv(level.upsample.conv, gpu) if hasattr(level, "upsample") else None
             levels.append(lv)
         self.levels = nn.ModuleList(levels)
-        self.norm_out, self.conv_out = Norm(dec.norm_out), Conv(dec.conv_out, gpu)
+        self.norm_out, self.conv_out = Norm(dec.norm_out, gpu), Conv(dec.conv_out, gpu)
 
     def forward(self, z):
         h = self.mid[0](self.conv_in(z))
@@ -119,7 +129,7 @@ class Decoder(nn.Module):
                     h = lv.attns[i](h)
             if lv.upsample is not None:
                 h = lv.upsample(_upsample_nearest(h))
-        return self.conv_out(op.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class VQVAEGraph(nn.Module):
