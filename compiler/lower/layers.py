@@ -32,8 +32,13 @@ class Dense(nn.Module):
                 raise UserError(f"scheme {self.scheme} is simulation-only and has no compiled kernel")
             if self.scheme == "w8a8":
                 q = linear.qweight.numpy()
-                self.wp = param(qmatmul.pack_dp4a(q) if self.dot == "dp4a" else qmatmul.pack_int8_dot(q, self.dot)
-                                if self.dot else matmul.pack_weight(q, gpu))
+                if self.dot == "dp4a":
+                    q = qmatmul.pack_dp4a(q)
+                elif self.dot:
+                    q = qmatmul.pack_int8_dot(q, self.dot)
+                else:
+                    q = matmul.pack_weight(q, gpu)
+                self.wp = param(q)
                 self.sw = param(linear.scales.float())
             else:
                 scales = linear.scales
