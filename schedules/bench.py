@@ -32,7 +32,7 @@ from compiler.compress.quant import W4A8, W4A16, W8A8
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
 from device.cores import claim_cores
-from schedules import attention, conv, matmul, qmatmul
+from schedules import attention, conv, groupnorm, matmul, qmatmul
 
 SHAPES = {  # width, heads, MLP hidden, vocabulary, patch_nums
     "d16": (1024, 16, 4096, 4096, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
@@ -214,7 +214,17 @@ def conv_engines(Ci: int, Co: int, side: int, k: int = 3) -> dict:
     def torch_conv():
         with torch.no_grad():
             torch.nn.functional.conv2d(xt, wt, bt, padding=k // 2)
-    return {"tvm conv": lambda: f(*args), "torch conv2d": torch_conv}
+    engines = {"tvm conv": lambda: f(*args), "torch conv2d": torch_conv}
+    if groupnorm.applies(side, side) and Ci % 32 == 0 and Co % 32 == 0:   # the GroupNorm + SiLU before it
+        g = compile_kernel(groupnorm.group_norm(1, Ci, side, side, 32, 1e-6, True))
+        gargs = tensors(x, np.ones(Ci, np.float32), b[:1].repeat(Ci)) + [tvm.runtime.empty(x.shape, "float32", tvm.cpu())]
+        ones, zeros = torch.ones(Ci), torch.zeros(Ci)
+
+        def torch_norm():
+            with torch.no_grad():
+                torch.nn.functional.silu(torch.nn.functional.group_norm(xt, 32, ones, zeros, 1e-6))
+        engines.update({"tvm groupnorm+silu": lambda: g(*gargs), "torch groupnorm+silu": torch_norm})
+    return engines
 
 
 def run(model: str, repeat: int, log=print) -> dict:
@@ -226,7 +236,7 @@ def run(model: str, repeat: int, log=print) -> dict:
     log(f"measuring this CPU's fp32 peak ({threads} threads of vector FMAs) …")
     peak = measured_peak_gflops()
     log(f"  {peak:.0f} GFLOP/s")
-    report = {"model": model, "tokens": M, "peak_gflops": peak, "dense": [], "attention": [], "conv": []}
+    report = {"model": model, "tokens": M, "peak_gflops": peak, "dense": [], "attention": [], "conv": [], "groupnorm": []}
     layers = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, hidden),
               "fc2": (hidden, width), "head": (width, vocab)}
     for layer, (K, O) in layers.items():
@@ -252,6 +262,10 @@ def run(model: str, repeat: int, log=print) -> dict:
         times = side_by_side(conv_engines(Ci, Co, side), repeat)
         flops = 2.0 * Ci * Co * 9 * side * side
         for name, t in times.items():
+            if "groupnorm" in name:
+                base = times["torch groupnorm+silu"]
+                report["groupnorm"].append({"C": Ci, "side": side, "engine": name, "ms": t * 1e3, "vs_torch": base / t})
+                continue
             report["conv"].append({"Ci": Ci, "Co": Co, "side": side, "engine": name, "ms": t * 1e3,
                                    "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak,
                                    "vs_torch": times["torch conv2d"] / t})
@@ -274,6 +288,9 @@ def print_report(r: dict, log=print):
     for c in r["conv"]:
         shape = f"{c['Ci']}→{c['Co']} @ {c['side']}²"
         log(f"{shape:22} {c['engine']:14} {c['ms']:8.2f} {c['gflops']:8.1f} {c['of_peak']:8.1%} {c['vs_torch']:8.2f}×")
+    log("\nGroupNorm (32 groups) + SiLU before those convolutions")
+    for g in r["groupnorm"]:
+        log(f"{g['C']:4} ch @ {g['side']}²  {g['engine']:22} {g['ms']:8.2f} ms {g['vs_torch']:8.2f}×")
 
 
 @cli

@@ -38,7 +38,8 @@ def test_schedules_bench_reports_every_kernel(tmp_path):
     assert report["peak_gflops"] > 0 and "time / dense" in r.stdout
     convs = {(c["Ci"], c["Co"], c["side"]) for c in report["conv"]}
     assert (64, 64, 32) in convs and {c["engine"] for c in report["conv"]} == {"tvm conv", "torch conv2d"}
-    assert "Decoder convolutions" in r.stdout
+    assert "Decoder convolutions" in r.stdout and "GroupNorm" in r.stdout
+    assert {g["engine"] for g in report["groupnorm"]} == {"tvm groupnorm+silu", "torch groupnorm+silu"}
     bad = run_cli("schedules.bench", "--repeat", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --repeat must be at least 1, got 0"
 
