@@ -185,7 +185,8 @@ def dense_w8a8_dot(M: int, K: int, O: int, dot: str):
     - pmaddwd (x86 AVX2, which has no int8 dot product): multiplies 16 int16 pairs and adds each
       pair into an int32 lane, 16 multiply-adds per instruction where an fp32 FMA does 8.
       Activations, and one weight panel at a time, are widened to int16 once.
-    - sdot (AArch64): sums 4 int8 products into each of 4 int32 lanes, and accumulates.
+    - sdot (AArch64): sums 4 int8 products into each of 4 int32 lanes, and accumulates; it reads
+      the int8 activations and weights where they are.
     Each step broadcasts one run of d inputs of a row against the runs of 8 (pmaddwd) or 4
     (sdot) channels; a tile of `mi` rows × LANES channels stays in registers."""
     d = DOT_WIDTH[dot]
@@ -194,8 +195,8 @@ def dense_w8a8_dot(M: int, K: int, O: int, dot: str):
     R, KD = M // mi, K // d
     vl = 8 if dot == "pmaddwd" else 4       # int32 lanes per accumulator vector
     V = L // vl
-    elem = "int16" if dot == "pmaddwd" else "int8"
-    ev = f"{elem}x{vl * d}"                   # one operand vector
+    widen = dot == "pmaddwd"                 # operands widened to int16 first
+    ev = f"{'int16' if widen else 'int8'}x{vl * d}"   # one operand vector
     i64 = T.int64
     intrin = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd" if dot == "pmaddwd" else "llvm.aarch64.neon.sdot")
 
@@ -207,15 +208,19 @@ def dense_w8a8_dot(M: int, K: int, O: int, dot: str):
                 b: T.Buffer((i64(O),), "float32"),
                 y: T.Buffer((i64(M), i64(O)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        xs = T.decl_buffer((M * K,), elem)
-        for i in T.parallel(M):
-            for k in T.vectorized(K):
-                xs[i * K + k] = T.Cast(elem, x[i, k])
+        x8 = T.decl_buffer((M * K,), "int8", data=x.data)          # sdot reads the int8 operands in place
+        w8 = T.decl_buffer((P * K * L,), "int8", data=wq.data)
+        xs = T.decl_buffer((M * K if widen else 1,), "int16")       # pmaddwd: widened once
+        if widen:
+            for i in T.parallel(M):
+                for k in T.vectorized(K):
+                    xs[i * K + k] = T.Cast("int16", x8[i * K + k])
         for p in T.parallel(P):
-            ww = T.decl_buffer((K * L,), elem)
-            for kd in range(KD):
-                for u in T.vectorized(d * L):
-                    ww[kd * d * L + u] = T.Cast(elem, wq[p, kd, u // d, u % d])
+            ww = T.decl_buffer((K * L if widen else 1,), "int16")
+            if widen:
+                for kd in range(KD):
+                    for u in T.vectorized(d * L):
+                        ww[kd * d * L + u] = T.Cast("int16", w8[p * K * L + kd * d * L + u])
             for r in range(R):
                 acc = T.decl_buffer((mi * L,), "int32", scope="local")
                 for ii in T.unroll(mi):
@@ -224,15 +229,18 @@ def dense_w8a8_dot(M: int, K: int, O: int, dot: str):
                 for kd in range(KD):
                     for ii in T.unroll(mi):
                         for v in T.unroll(V):
-                            run = T.reinterpret(xs[T.ramp((r * mi + ii) * K + d * kd, 1, d)], dtype="int32")
-                            xv = T.reinterpret(T.broadcast(run, vl), dtype=ev)
-                            wv = ww[T.ramp(kd * d * L + v * vl * d, 1, vl * d)]
-                            if dot == "pmaddwd":
+                            if widen:
+                                run = T.reinterpret(xs[T.ramp((r * mi + ii) * K + d * kd, 1, d)], dtype="int32")
                                 acc[T.ramp(ii * L + v * vl, 1, vl)] = acc[T.ramp(ii * L + v * vl, 1, vl)] + \
-                                    T.call_llvm_pure_intrin(intrin, xv, wv, dtype=f"int32x{vl}")
+                                    T.call_llvm_pure_intrin(intrin, T.reinterpret(T.broadcast(run, vl), dtype=ev),
+                                                            ww[T.ramp(kd * d * L + v * vl * d, 1, vl * d)],
+                                                            dtype=f"int32x{vl}")
                             else:
+                                run = T.reinterpret(x8[T.ramp((r * mi + ii) * K + d * kd, 1, d)], dtype="int32")
                                 acc[T.ramp(ii * L + v * vl, 1, vl)] = T.call_llvm_pure_intrin(
-                                    intrin, acc[T.ramp(ii * L + v * vl, 1, vl)], xv, wv, dtype=f"int32x{vl}")
+                                    intrin, acc[T.ramp(ii * L + v * vl, 1, vl)],
+                                    T.reinterpret(T.broadcast(run, vl), dtype=ev),
+                                    w8[T.ramp(p * K * L + kd * d * L + v * vl * d, 1, vl * d)], dtype=f"int32x{vl}")
                 for ii in T.unroll(mi):
                     for u in T.vectorized(L):
                         y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii * L + u]) * sx[r * mi + ii, i64(0)] * ws[p * L + u]
