@@ -11,12 +11,22 @@ PyTorch reference through `torch.onnx.export(..., dynamo=True)`:
     decode.onnx    f_hat                                    → images B×3×H×W in [0, 1]
 The caches are depth×2B×H×T×c holding the T tokens of the earlier scales (scale 0 has none);
 each scale returns them extended by its own tokens. ONNX has no in-place update, so the
-caches are passed in and out. DIR/manifest.json lists the files with their sha256. The export
-is of the dense fp32 model: a plan's integer kernels are ours, not ONNX operators.
+caches are passed in and out. The export is of the dense fp32 model: a plan's integer kernels
+are ours, not ONNX operators.
+
+Every scale graph uses all transformer weights, so each graph exported alone would hold its
+own copy of them. Instead, every initializer of at least 1 KiB is moved into one shared file,
+DIR/weights.bin, each distinct tensor once (same dtype, shape and bytes by sha256, whatever
+its name in each graph), at 4096-byte-aligned offsets; the graphs refer to it as standard ONNX
+external data (location weights.bin, offset, length), so ONNX Runtime or TensorRT load any
+.onnx file alone from DIR. DIR/manifest.json lists every file with its sha256 and, under
+"initializers", each graph's shared initializers as name → [offset, length, numpy dtype,
+shape], which host/onnx_engine.py uses to give all its sessions one copy of the weights.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import tempfile
@@ -24,6 +34,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compiler.checkpoint import load_models
@@ -34,7 +45,10 @@ from compiler.model.var import KVCache
 from device.artifact import write_manifest
 
 SCHEMA = "litevar-onnx"
-VERSION = 1
+VERSION = 2            # 2: weights in one shared weights.bin (external data); 1 had them in every graph
+WEIGHTS = "weights.bin"
+SHARE_MIN_BYTES = 1024  # smaller initializers (shapes, scalars, small biases) stay in their graph
+ALIGN = 4096
 
 
 class Embed(torch.nn.Module):
@@ -118,8 +132,58 @@ def example_inputs(var, batch: int) -> dict:
     return out
 
 
+class SharedWeights:
+    """weights.bin being written: each distinct tensor once, at ALIGN-aligned offsets."""
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.size = path, open(path, "wb"), 0
+        self.at = {}   # (dtype str, shape, sha256) → (offset, length)
+
+    def add(self, arr: np.ndarray) -> tuple[int, int]:
+        data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        key = (arr.dtype.str, arr.shape, hashlib.sha256(data).hexdigest())
+        if key not in self.at:
+            offset = -(-self.size // ALIGN) * ALIGN
+            self.f.seek(offset)
+            self.f.write(data)
+            self.size = offset + len(data)
+            self.at[key] = (offset, len(data))
+        return self.at[key]
+
+    def externalize(self, onnx_path: Path) -> dict:
+        """Move the graph's initializers of ≥ SHARE_MIN_BYTES into weights.bin and rewrite the
+        .onnx file to refer to them; returns name → [offset, length, numpy dtype, shape]."""
+        import onnx
+        from onnx import numpy_helper
+        from onnx.external_data_helper import set_external_data
+        model = onnx.load(str(onnx_path))
+        table = {}
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                raise UserError(f"{onnx_path}: initializer {t.name} is already external data")
+            arr = numpy_helper.to_array(t)
+            if arr.nbytes < SHARE_MIN_BYTES or arr.dtype.kind not in "biuf":
+                continue
+            offset, length = self.add(arr)
+            if not t.HasField("raw_data"):   # typed fields (float_data, …): set_external_data needs raw_data
+                t.CopyFrom(numpy_helper.from_array(arr, t.name))
+            set_external_data(t, WEIGHTS, offset, length)
+            t.ClearField("raw_data")
+            table[t.name] = [offset, length, arr.dtype.newbyteorder("<").str, list(arr.shape)]
+        onnx.save(model, str(onnx_path))
+        return table
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.truncate(self.size)
+        self.f.close()
+
+
 def export(var, vae, batch: int, out, log=print):
-    """Write DIR/*.onnx and DIR/manifest.json (built in a temporary directory, renamed at the end)."""
+    """Write DIR/*.onnx, DIR/weights.bin and DIR/manifest.json (built in a temporary directory,
+    renamed at the end)."""
     out = Path(out)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
@@ -133,23 +197,27 @@ def export(var, vae, batch: int, out, log=print):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         tmp = Path(tmp)
-        for k, (name, (module, args, in_names, out_names)) in enumerate(graphs.items()):
-            if module is None:
-                si = S - 1 if name == "last" else int(name.split("_")[1]) if name.startswith("next_") else None
-                module = Decode(vae) if name == "decode" else Next(var, vae, si)
-            log(f"[{k + 1}/{len(graphs)}] exporting {name} ({time.perf_counter() - t0:.0f} s)")
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                prog = torch.onnx.export(module, args, input_names=in_names, output_names=out_names,
-                                         dynamo=True, external_data=False, verbose=False)
-            prog.save(str(tmp / f"{name}.onnx"))
+        initializers = {}
+        with SharedWeights(tmp / WEIGHTS) as shared:
+            for k, (name, (module, args, in_names, out_names)) in enumerate(graphs.items()):
+                if module is None:
+                    si = S - 1 if name == "last" else int(name.split("_")[1]) if name.startswith("next_") else None
+                    module = Decode(vae) if name == "decode" else Next(var, vae, si)
+                log(f"[{k + 1}/{len(graphs)}] exporting {name} ({time.perf_counter() - t0:.0f} s)")
+                with warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")
+                    prog = torch.onnx.export(module, args, input_names=in_names, output_names=out_names,
+                                             dynamo=True, external_data=False, verbose=False)
+                prog.save(str(tmp / f"{name}.onnx"))
+                del prog   # d16: ~1.2 GB of weights, loaded again by externalize
+                initializers[name] = shared.externalize(tmp / f"{name}.onnx")
         c = var.cfg
         write_manifest(tmp, {"schema": SCHEMA, "version": VERSION, "batch": batch,
                              "torch_version": torch.__version__,
                              "model": {"depth": c.depth, "width": c.width, "heads": c.heads,
                                        "patch_nums": list(c.patch_nums), "vocab_size": c.vocab_size,
                                        "num_classes": c.num_classes, "cvae": c.cvae},
-                             "graphs": list(graphs)})
+                             "graphs": list(graphs), "weights": WEIGHTS, "initializers": initializers})
         if out.exists():
             import shutil
             shutil.rmtree(out)
