@@ -32,7 +32,7 @@ from compiler.compress.quant import W4A8, W4A16, W8A8
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
 from device.cores import claim_cores
-from schedules import attention, conv, groupnorm, matmul, qmatmul
+from schedules import attention, conv, groupnorm, matmul, qmatmul, winograd
 
 SHAPES = {  # width, heads, MLP hidden, vocabulary, patch_nums
     "d16": (1024, 16, 4096, 4096, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
@@ -215,6 +215,10 @@ def conv_engines(Ci: int, Co: int, side: int, k: int = 3) -> dict:
         with torch.no_grad():
             torch.nn.functional.conv2d(xt, wt, bt, padding=k // 2)
     engines = {"tvm conv": lambda: f(*args), "torch conv2d": torch_conv}
+    if winograd.applies(Co, k, 1, k // 2, side, side):
+        fw = compile_kernel(winograd.conv2d(1, Ci, side, side, Co))
+        wargs = tensors(x, conv.pack_weight(w), b) + [tvm.runtime.empty((1, Co, side, side), "float32", tvm.cpu())]
+        engines["tvm winograd"] = lambda: fw(*wargs)
     if groupnorm.applies(side, side) and Ci % 32 == 0 and Co % 32 == 0:   # the GroupNorm + SiLU before it
         g = compile_kernel(groupnorm.group_norm(1, Ci, side, side, 32, 1e-6, True))
         gargs = tensors(x, np.ones(Ci, np.float32), b[:1].repeat(Ci)) + [tvm.runtime.empty(x.shape, "float32", tvm.cpu())]

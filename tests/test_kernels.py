@@ -211,6 +211,29 @@ def test_conv2d_matches_pytorch(B, Ci, H, W, Co, k):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("B,Ci,H,W,Co", [(1, 5, 16, 16, 8), (2, 3, 8, 12, 7), (1, 4, 4, 4, 10),
+                                         (1, 16, 32, 32, 15), (1, 3, 8, 64, 6)])
+def test_winograd_conv2d_matches_pytorch(B, Ci, H, W, Co):
+    """Tiles gathered across tile rows (16², 8×12, one tile), within one row (8×64), one and two
+    images, channel counts that fill no vector."""
+    from schedules import winograd
+    from schedules.conv import pack_weight
+    rng = np.random.default_rng(Ci + W)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, Ci, H, W), (Co, Ci, 3, 3), (Co,)))
+    (y,) = run(winograd.conv2d(B, Ci, H, W, Co), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
+    want = torch.nn.functional.conv2d(*map(torch.from_numpy, (x, w, b)), padding=1).numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-4 * np.abs(want).max())
+
+
+def test_winograd_applies_only_where_it_pays():
+    from schedules import winograd
+    assert winograd.applies(160, 3, 1, 1, 256, 256) and winograd.applies(320, 3, 1, 1, 32, 32)
+    assert not winograd.applies(640, 3, 1, 1, 16, 16)      # filter transform per call outweighs it
+    assert not winograd.applies(3, 3, 1, 1, 256, 256)      # too few output channels
+    assert not winograd.applies(64, 1, 1, 0, 64, 64) and not winograd.applies(64, 3, 2, 1, 64, 64)
+    assert not winograd.applies(64, 3, 1, 1, 34, 34)       # no whole 4×4 tiles
+
+
 @pytest.mark.parametrize("scheme", [None, W8A8()], ids=["fp32", "w8a8"])
 def test_dense_layer_pads_rows_without_a_good_tile(scheme):
     """98 tokens (2·7²) run as 100 rows; the padding never reaches the output."""

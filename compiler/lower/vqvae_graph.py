@@ -18,6 +18,7 @@ from compiler.lower.params import param
 from compiler.model.vqvae import VQVAE
 from schedules import conv as conv_kernels
 from schedules import groupnorm as norm_kernels
+from schedules import winograd
 
 
 def interpolation_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
@@ -32,8 +33,9 @@ def _resize(h, M):
 
 
 class Conv(nn.Module):
-    """Conv2d: stride-1 same-padded ones on the CPU through schedules/conv.py; everything else,
-    and every conv on a GPU (DLight schedules it), through Relax's conv2d."""
+    """Conv2d: stride-1 same-padded ones on the CPU through schedules/winograd.py where it pays
+    (3×3, from 32² pixels on) and schedules/conv.py elsewhere, both on the same packed weights;
+    everything else, and every conv on a GPU (DLight schedules it), through Relax's conv2d."""
 
     def __init__(self, conv, gpu: bool):
         self.stride, self.padding = conv.stride[0], conv.padding[0]
@@ -49,7 +51,11 @@ class Conv(nn.Module):
         if self.relax_conv:
             return op.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
         B, _, H, W = (int(d) for d in x.shape)
-        return op.tensor_ir_op(conv_kernels.conv2d(B, int(Ci), H, W, int(Co), int(k)), "conv2d",
+        if winograd.applies(Co, k, self.stride, self.padding, H, W):
+            kernel = winograd.conv2d(B, int(Ci), H, W, int(Co))
+        else:
+            kernel = conv_kernels.conv2d(B, int(Ci), H, W, int(Co), int(k))
+        return op.tensor_ir_op(kernel, "conv2d",
                                [x, self.weight, self.bias], placeholder([B, int(Co), H, W]))
 
 

@@ -1,0 +1,181 @@
+"""3×3 convolution by Winograd's F(4×4, 3×3) as a scheduled TIR kernel for CPUs.
+
+Each 4×4 block of output pixels ("tile") is computed from the 6×6 input patch around it: the
+patch is transformed (Bᵀ·d·B), multiplied element-wise by the transformed filter (G·g·Gᵀ) and
+summed over input channels, then transformed back (Aᵀ·m·A). The sum over channels is 36
+independent matrix products, Co×Ci times Ci×tiles: 36 multiply-adds per tile and channel pair
+instead of the direct convolution's 144, 4× less arithmetic. The VQVAE decoder spends nearly
+all of its time in 3×3 convolutions.
+
+Parallel passes, each simple to vectorise (lanes run over L tiles, or over the mi channels
+of a filter tile):
+    filter transform  w (schedules.conv.pack_weight) → U  36 × Co/mi × Ci × mi
+    for each band of tiles (so that V and M stay in the caches):
+        input transform   x, zero-padded            → V  36 × tiles × Ci
+        matrix products   U, V                      → M  36 × tiles × Co  (register tile mi × L)
+        output transform  M                         → y  plus the bias, 4×4 pixels per tile
+The matrices are Lavin & Gray's (arXiv 1509.09308, interpolation points 0, ±1, ±2, ∞), written
+out as sums because most of their entries are 0 or ±1.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from tvm.script import tirx as T
+
+from schedules.conv import channel_tile
+
+MIN_PIXELS = 32 * 32
+BAND_BYTES = 2 << 20   # V and M of one band of tiles: small enough to stay in the caches
+
+
+def applies(Co: int, k: int, stride: int, padding: int, H: int, W: int) -> bool:
+    """Worth it from 32×32 pixels and 16 output channels on. Below, transforming the filters
+    (every call, so that the weights keep their size) costs more than it saves: 640 channels at
+    16² took 52 ms against 68 ms direct, but 8 ms with filters transformed ahead. With 3 output
+    channels the data transforms outweigh the few products."""
+    return (k == 3 and stride == 1 and padding == 1 and H % 4 == 0 and W % 4 == 0
+            and H * W >= MIN_PIXELS and Co >= 16)
+
+
+def lanes_for(tiles: int) -> int:
+    return next(v for v in (16, 8, 4, 2, 1) if tiles % v == 0)
+
+
+@lru_cache(maxsize=None)  # one parse per shape
+def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
+    """x B×Ci×H×W, w packed as for the direct kernel (schedules.conv.pack_weight), b Co →
+    y B×Co×H×W: the 3×3 convolution with zero
+    padding 1, stride 1. H and W must be multiples of 4 (`applies`).
+
+    The tiles are taken in bands of BV vectors of L tiles, the three passes run band by band,
+    so V and M of a band stay in the caches (at 256² all of V is 94 MB)."""
+    TH, TW = H // 4, W // 4
+    NV = TH * TW // lanes_for(TH * TW)          # tile vectors per image
+    L = lanes_for(TH * TW)
+    BV = max(g for g in range(1, NV + 1) if NV % g == 0 and (g == 1 or 36 * (Ci + Co) * g * L * 4 <= BAND_BYTES))
+    Hp, Wp = H + 2, W + 2
+    mi = channel_tile(Co)
+    nt = Co // mi
+    i64 = T.int64
+    if TW % L == 0:   # the L tiles of a vector share a tile row: strided loads, no per-lane division
+        def top(tv, l):
+            return tv // (TW // L) * 4
+
+        def left(tv, l):
+            return (tv % (TW // L) * L + l) * 4
+    else:
+        def top(tv, l):
+            return (tv * L + l) // TW * 4
+
+        def left(tv, l):
+            return (tv * L + l) % TW * 4
+
+    @T.prim_func(private=True)
+    def wino(x: T.Buffer((i64(B), i64(Ci), i64(H), i64(W)), "float32"),
+             w: T.Buffer((i64(nt), i64(Ci), i64(3), i64(3), i64(mi)), "float32"),
+             b: T.Buffer((i64(Co),), "float32"),
+             y: T.Buffer((i64(B), i64(Co), i64(H), i64(W)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        xp = T.decl_buffer((B, Ci, Hp, Wp), "float32")
+        u = T.decl_buffer((36, nt, Ci, mi), "float32")
+        V = T.decl_buffer((36, BV, Ci, L), "float32")
+        M = T.decl_buffer((36, BV, Co, L), "float32")
+        for nc in T.parallel(B * Ci):
+            for i in range(Hp):
+                for j in range(Wp):
+                    xp[nc // Ci, nc % Ci, i, j] = T.Select((i >= 1) & (i <= H) & (j >= 1) & (j <= W),
+                                                           x[nc // Ci, nc % Ci, T.max(i - 1, 0), T.max(j - 1, 0)],
+                                                           T.float32(0))
+        # Filter transform U = G·g·Gᵀ, here rather than at build time: the weights keep their size.
+        for ot in T.parallel(nt):
+            gt = T.decl_buffer((6, 3, mi), "float32", scope="local")
+            for c in range(Ci):
+                for s in T.unroll(3):  # gt = G·g, down the columns
+                    for oi in T.vectorized(mi):
+                        gt[0, s, oi] = w[ot, c, 0, s, oi] * T.float32(1 / 4)
+                        gt[1, s, oi] = (w[ot, c, 0, s, oi] + w[ot, c, 1, s, oi] + w[ot, c, 2, s, oi]) * T.float32(-1 / 6)
+                        gt[2, s, oi] = (w[ot, c, 0, s, oi] - w[ot, c, 1, s, oi] + w[ot, c, 2, s, oi]) * T.float32(-1 / 6)
+                        gt[3, s, oi] = (w[ot, c, 0, s, oi] * T.float32(1 / 24) + w[ot, c, 1, s, oi] * T.float32(1 / 12)
+                                        + w[ot, c, 2, s, oi] * T.float32(1 / 6))
+                        gt[4, s, oi] = (w[ot, c, 0, s, oi] * T.float32(1 / 24) - w[ot, c, 1, s, oi] * T.float32(1 / 12)
+                                        + w[ot, c, 2, s, oi] * T.float32(1 / 6))
+                        gt[5, s, oi] = w[ot, c, 2, s, oi]
+                for a in T.unroll(6):  # U = gt·Gᵀ, along the rows
+                    for oi in T.vectorized(mi):
+                        u[a * 6 + 0, ot, c, oi] = gt[a, 0, oi] * T.float32(1 / 4)
+                        u[a * 6 + 1, ot, c, oi] = (gt[a, 0, oi] + gt[a, 1, oi] + gt[a, 2, oi]) * T.float32(-1 / 6)
+                        u[a * 6 + 2, ot, c, oi] = (gt[a, 0, oi] - gt[a, 1, oi] + gt[a, 2, oi]) * T.float32(-1 / 6)
+                        u[a * 6 + 3, ot, c, oi] = (gt[a, 0, oi] * T.float32(1 / 24) + gt[a, 1, oi] * T.float32(1 / 12)
+                                                   + gt[a, 2, oi] * T.float32(1 / 6))
+                        u[a * 6 + 4, ot, c, oi] = (gt[a, 0, oi] * T.float32(1 / 24) - gt[a, 1, oi] * T.float32(1 / 12)
+                                                   + gt[a, 2, oi] * T.float32(1 / 6))
+                        u[a * 6 + 5, ot, c, oi] = gt[a, 2, oi]
+        for n in range(B):
+            for band in range(NV // BV):
+                # Input transform V = Bᵀ·d·B, d the 6×6 patch of each tile; lanes: L tiles.
+                for c in T.parallel(Ci):
+                    d = T.decl_buffer((6, 6, L), "float32", scope="local")
+                    e = T.decl_buffer((6, 6, L), "float32", scope="local")
+                    for tv in range(BV):
+                        for r in T.unroll(6):
+                            for s in T.unroll(6):
+                                for l in T.vectorized(L):
+                                    d[r, s, l] = xp[n, c, top(band * BV + tv, l) + r, left(band * BV + tv, l) + s]
+                        for s in T.unroll(6):  # e = Bᵀ·d, down the columns
+                            for l in T.vectorized(L):
+                                e[0, s, l] = 4 * d[0, s, l] - 5 * d[2, s, l] + d[4, s, l]
+                                e[1, s, l] = d[3, s, l] + d[4, s, l] - 4 * (d[1, s, l] + d[2, s, l])
+                                e[2, s, l] = d[4, s, l] - d[3, s, l] + 4 * (d[1, s, l] - d[2, s, l])
+                                e[3, s, l] = d[4, s, l] - d[2, s, l] + 2 * (d[3, s, l] - d[1, s, l])
+                                e[4, s, l] = d[4, s, l] - d[2, s, l] + 2 * (d[1, s, l] - d[3, s, l])
+                                e[5, s, l] = 4 * d[1, s, l] - 5 * d[3, s, l] + d[5, s, l]
+                        for a in T.unroll(6):  # V = e·B, along the rows
+                            for l in T.vectorized(L):
+                                V[a * 6 + 0, tv, c, l] = 4 * e[a, 0, l] - 5 * e[a, 2, l] + e[a, 4, l]
+                                V[a * 6 + 1, tv, c, l] = e[a, 3, l] + e[a, 4, l] - 4 * (e[a, 1, l] + e[a, 2, l])
+                                V[a * 6 + 2, tv, c, l] = e[a, 4, l] - e[a, 3, l] + 4 * (e[a, 1, l] - e[a, 2, l])
+                                V[a * 6 + 3, tv, c, l] = e[a, 4, l] - e[a, 2, l] + 2 * (e[a, 3, l] - e[a, 1, l])
+                                V[a * 6 + 4, tv, c, l] = e[a, 4, l] - e[a, 2, l] + 2 * (e[a, 1, l] - e[a, 3, l])
+                                V[a * 6 + 5, tv, c, l] = 4 * e[a, 1, l] - 5 * e[a, 3, l] + e[a, 5, l]
+                # 36 matrix products M[e] = U[e]·V[e] over the input channels, one task per e.
+                for ei in T.parallel(36):
+                    acc = T.decl_buffer((mi, L), "float32", scope="local")
+                    for tv in range(BV):
+                        for ot in range(nt):
+                            for oi in T.unroll(mi):
+                                for l in T.vectorized(L):
+                                    acc[oi, l] = T.float32(0)
+                            for c in range(Ci):
+                                for oi in T.unroll(mi):
+                                    for l in T.vectorized(L):
+                                        acc[oi, l] = acc[oi, l] + V[ei, tv, c, l] * u[ei, ot, c, oi]
+                            for oi in T.unroll(mi):
+                                for l in T.vectorized(L):
+                                    M[ei, tv, ot * mi + oi, l] = acc[oi, l]
+                # Output transform y = Aᵀ·m·A + bias, scattered back to the 4×4 pixels of each tile.
+                for o in T.parallel(Co):
+                    f = T.decl_buffer((4, 6, L), "float32", scope="local")
+                    for tv in range(BV):
+                        for s in T.unroll(6):  # f = Aᵀ·m, down the columns
+                            for l in T.vectorized(L):
+                                f[0, s, l] = (M[s, tv, o, l] + M[6 + s, tv, o, l] + M[12 + s, tv, o, l]
+                                              + M[18 + s, tv, o, l] + M[24 + s, tv, o, l])
+                                f[1, s, l] = (M[6 + s, tv, o, l] - M[12 + s, tv, o, l]
+                                              + 2 * (M[18 + s, tv, o, l] - M[24 + s, tv, o, l]))
+                                f[2, s, l] = (M[6 + s, tv, o, l] + M[12 + s, tv, o, l]
+                                              + 4 * (M[18 + s, tv, o, l] + M[24 + s, tv, o, l]))
+                                f[3, s, l] = (M[6 + s, tv, o, l] - M[12 + s, tv, o, l]
+                                              + 8 * (M[18 + s, tv, o, l] - M[24 + s, tv, o, l]) + M[30 + s, tv, o, l])
+                        for i in T.unroll(4):  # y = f·A, along the rows
+                            for l in T.vectorized(L):
+                                y[n, o, top(band * BV + tv, l) + i, left(band * BV + tv, l) + 0] = (
+                                    f[i, 0, l] + f[i, 1, l] + f[i, 2, l] + f[i, 3, l] + f[i, 4, l] + b[o])
+                                y[n, o, top(band * BV + tv, l) + i, left(band * BV + tv, l) + 1] = (
+                                    f[i, 1, l] - f[i, 2, l] + 2 * (f[i, 3, l] - f[i, 4, l]) + b[o])
+                                y[n, o, top(band * BV + tv, l) + i, left(band * BV + tv, l) + 2] = (
+                                    f[i, 1, l] + f[i, 2, l] + 4 * (f[i, 3, l] + f[i, 4, l]) + b[o])
+                                y[n, o, top(band * BV + tv, l) + i, left(band * BV + tv, l) + 3] = (
+                                    f[i, 1, l] - f[i, 2, l] + 8 * (f[i, 3, l] - f[i, 4, l]) + f[i, 5, l] + b[o])
+
+    return wino.with_attr("tirx.is_scheduled", True)
