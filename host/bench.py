@@ -1,7 +1,7 @@
 """Per-image generation time and peak memory of each engine, measured side by side in one run.
 
     python -m host.bench --target host [--model demo|d16] [--plan plans/demo-all.json] \\
-        [--images 5] [--dense-artifact DIR --plan-artifact DIR --onnx DIR [--onnx-prepacking]] --out bench.json
+        [--images 5] [--dense-artifact DIR --plan-artifact DIR --onnx DIR [--onnx-shared-weights]] --out bench.json
 
 Engines: the PyTorch eager reference (fp32), ONNX Runtime on the exported graphs
 (compiler.export_onnx), the compiled dense build and the compiled plan build; batch 1, CFG, ten scales, decoder included, top-k 900 / top-p 0.95 sampling. Images are
@@ -31,7 +31,7 @@ ENGINES = ("pytorch", "onnxruntime", "tvm_dense", "tvm_plan")
 DEFAULT_PLAN = {"demo": "plans/demo-all.json", "d16": None}
 
 
-def make_engine(name: str, var, vae, artifacts: dict, onnx_prepacking: bool = False):
+def make_engine(name: str, var, vae, artifacts: dict, onnx_prepacking: bool = True):
     """A function generating one image of class c (sampling, seed s)."""
     if name == "pytorch":
         from compiler.sampler import generate
@@ -59,7 +59,7 @@ def peak_rss_mb(name: str, args) -> float:
     """Run one image of `name` in a fresh process and return its resident high-water mark."""
     cmd = [sys.executable, "-m", "host.bench", "--model", args.model, "--memory-of", name,
            "--dense-artifact", str(args.dense_artifact), "--plan-artifact", str(args.plan_artifact),
-           "--onnx", str(args.onnx), "--out", "-"] + ["--onnx-prepacking"] * args.onnx_prepacking
+           "--onnx", str(args.onnx), "--out", "-"] + ["--onnx-shared-weights"] * args.onnx_shared_weights
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if r.returncode:
         raise UserError(f"memory run of {name} failed: {r.stderr.strip().splitlines()[-1:]}")
@@ -100,12 +100,11 @@ def main(argv=None):
     ap.add_argument("--onnx", type=Path, help="reuse an ONNX export of the same model (compiler.export_onnx)")
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help=f"comma-separated engines to time (default all: {','.join(ENGINES)}); pytorch is the baseline "
-                         "and always runs. ONNX Runtime's sessions share one in-memory copy of the export's "
-                         "weights.bin (each distinct weight stored once), unless --onnx-prepacking")
-    ap.add_argument("--onnx-prepacking", action="store_true",
-                    help="let ONNX Runtime prepack MatMul/Gemm/Conv weights: its usual speed (demo ~10%% faster), "
-                         "but each of its sessions then holds a packed copy of the weights it multiplies by, "
-                         "about one copy of the transformer per scale")
+                         "and always runs. ONNX Runtime runs at its usual speed: each of its sessions prepacks "
+                         "the MatMul/Gemm/Conv weights it multiplies by, about one copy of the transformer per scale")
+    ap.add_argument("--onnx-shared-weights", action="store_true",
+                    help="ONNX Runtime without weight prepacking: all its sessions share one in-memory copy of the "
+                         "export's weights.bin (demo: ~10%% slower, less memory)")
     ap.add_argument("--memory-of", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True, help="bench.json to write")
     args = ap.parse_args(argv)
@@ -117,7 +116,7 @@ def main(argv=None):
         else:
             var, vae = load_reference(args.model)
         make_engine(args.memory_of, var, vae, {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact,
-                                               "onnxruntime": args.onnx}, args.onnx_prepacking)(3, 0)
+                                               "onnxruntime": args.onnx}, not args.onnx_shared_weights)(3, 0)
         print(vm_hwm_mb())
         return
 
@@ -141,7 +140,7 @@ def main(argv=None):
 
 def measure(args, var, vae, log) -> dict:
     artifacts = {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact, "onnxruntime": args.onnx}
-    engines = {name: make_engine(name, var, vae, artifacts, args.onnx_prepacking) for name in args.engines}
+    engines = {name: make_engine(name, var, vae, artifacts, not args.onnx_shared_weights) for name in args.engines}
     for name, run in engines.items():  # warm-up: first-call allocations and caches
         run(0, 0)
     times = {name: [] for name in args.engines}
@@ -159,7 +158,7 @@ def measure(args, var, vae, log) -> dict:
         "model": args.model, "target": args.target, "images": args.images, "batch": 1, "cfg": 4.0,
         "pytorch_s": med["pytorch"], "onnxruntime_s": med.get("onnxruntime"), "tvm_dense_s": med.get("tvm_dense"),
         "tvm_plan_s": med.get("tvm_plan"), "peak_mb": peak,
-        "onnxruntime_prepacking": args.onnx_prepacking if "onnxruntime" in med else None,
+        "onnxruntime_prepacking": not args.onnx_shared_weights if "onnxruntime" in med else None,
         "speedup_vs_pytorch": {n: med["pytorch"] / med[n] for n in med if n != "pytorch"},
         "tvm_dense_vs_onnxruntime": (med["onnxruntime"] / med["tvm_dense"]
                                      if "onnxruntime" in med and "tvm_dense" in med else None),
