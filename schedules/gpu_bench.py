@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from device.errors import UserError, cli
+from schedules.packing import pack_dp4a  # numpy only: `run` has just the TVM runtime
 
 SHAPES = ((512, 1024, 3072), (338, 1024, 1024), (512, 4096, 1024))
 KINDS = ("dp4a", "dlight_int8", "dlight_fp32")
@@ -35,10 +36,9 @@ def inputs(M: int, K: int, O: int):
 
 
 def weight(kind: str, q: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """The weight in each kernel's layout (schedules/qmatmul.py: pack_dp4a; K×O for DLight)."""
-    O, K = q.shape
+    """The weight in each kernel's layout (pack_dp4a, as the compiler packs it; K×O for DLight)."""
     if kind == "dp4a":
-        return np.ascontiguousarray(q.reshape(O, K // 4, 4).transpose(1, 0, 2))
+        return pack_dp4a(q)
     if kind == "dlight_int8":
         return np.ascontiguousarray(q.T)
     return np.ascontiguousarray((q.astype(np.float32) * s[:, None]).T)

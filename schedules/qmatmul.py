@@ -27,6 +27,7 @@ from tvm.script import tirx as T
 
 from compiler.errors import UserError
 from schedules.matmul import LANES, row_tile
+from schedules.packing import pack_dp4a  # noqa: F401  (re-exported: numpy-only, see schedules/packing.py)
 
 
 def check_group(K: int, group: int):
@@ -249,14 +250,6 @@ def dense_w8a8_dot(M: int, K: int, O: int, dot: str):
 
 
 DP4A_TILE, DP4A_THREADS, DP4A_KW = 64, 16, 8   # outputs per block side, threads per side, int32 words per K step
-
-
-def pack_dp4a(qweight: np.ndarray) -> np.ndarray:
-    """int8 O×K → K/4 × O × 4: each int32 word holds one channel's weights for 4 consecutive inputs."""
-    O, K = qweight.shape
-    if K % 4:
-        raise ValueError(f"dp4a packing needs K % 4 == 0, got {K}")
-    return np.ascontiguousarray(qweight.reshape(O, K // 4, 4).transpose(1, 0, 2))
 
 
 @lru_cache(maxsize=None)

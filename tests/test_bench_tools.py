@@ -75,6 +75,33 @@ def test_gpu_bench_refuses_cpu_targets_and_missing_libraries(tmp_path):
     assert r.returncode == 2 and "no shapes.json" in r.stderr
 
 
+def test_gpu_bench_run_side_needs_no_compiler(tmp_path):
+    """`run` executes where only the TVM runtime is installed: it packs the dp4a weight with the
+    compiler's own layout (schedules/packing.py) without importing the kernels or the compiler."""
+    code = f"""if True:
+        import sys
+        for m in ("compiler", "schedules.qmatmul", "schedules.matmul"):
+            sys.modules[m] = None   # importing any of them raises ImportError (this full TVM's own
+                                    # `import tvm` loads tvm.script; a runtime-only one has none)
+        from pathlib import Path
+        import schedules.packing
+        assert not any(m == "tvm" or m.startswith("tvm.") for m, mod in sys.modules.items() if mod)
+        from schedules import gpu_bench
+        _, _, q, s = gpu_bench.inputs(8, 12, 20)
+        w = gpu_bench.weight("dp4a", q, s)
+        assert w.shape == (3, 20, 4) and w.flags.c_contiguous
+        assert all(w[k // 4, o, k % 4] == q[o, k] for o in range(20) for k in range(12))
+        try:
+            gpu_bench.run(Path({str(tmp_path)!r}), 1)
+        except gpu_bench.UserError as e:
+            assert "no shapes.json" in str(e)
+        else:
+            raise AssertionError("run accepted a directory without shapes.json")
+        """
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.slow
 def test_gpu_bench_builds_every_kernel(tmp_path):
     r = run_cli("schedules.gpu_bench", "build", "--target", "jetson-orin", "--out", tmp_path / "g", timeout=900)
