@@ -13,7 +13,6 @@ made when not given.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import resource
 import statistics
@@ -140,6 +139,13 @@ def main(argv=None):
 
 def measure(args, var, vae, log) -> dict:
     artifacts = {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact, "onnxruntime": args.onnx}
+    # Peak memory first, while this process holds only the reference: freed engines do not give
+    # their memory back to the system, and at d16 the timing process (ONNX Runtime's prepacked
+    # sessions alone ~12 GB) plus a memory child ran this 24 GB machine out of memory.
+    peak = {}
+    for name in args.engines:
+        log(f"peak memory of {name} (one image in a process of its own) …")
+        peak[name] = peak_rss_mb(name, args)
     engines = {name: make_engine(name, var, vae, artifacts, not args.onnx_shared_weights) for name in args.engines}
     for name, run in engines.items():  # warm-up: first-call allocations and caches
         run(0, 0)
@@ -151,9 +157,6 @@ def measure(args, var, vae, log) -> dict:
             times[name].append(time.perf_counter() - t0)
             log(f"image {i + 1}/{args.images} {name}: {times[name][-1]:.3f} s")
     med = {name: statistics.median(t) for name, t in times.items()}
-    del engines, run   # free the engines' weights before the memory children load theirs
-    gc.collect()
-    peak = {name: peak_rss_mb(name, args) for name in args.engines}
     return {
         "model": args.model, "target": args.target, "images": args.images, "batch": 1, "cfg": 4.0,
         "pytorch_s": med["pytorch"], "onnxruntime_s": med.get("onnxruntime"), "tvm_dense_s": med.get("tvm_dense"),
