@@ -31,6 +31,7 @@ from compiler.compress.mdwa import kept_pairs
 from compiler.compress.quant import W4A8, W4A16, W8A8
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
+from compiler.lower.layers import padded_rows
 from device.cores import claim_cores
 from schedules import attention, conv, groupnorm, matmul, qmatmul, winograd
 
@@ -120,9 +121,11 @@ def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
     sx_t = tvm.runtime.empty((M, 1), "float32", tvm.cpu())
     quant = compile_kernel(matmul.quantize_per_token(M, K))
     engines = {}
-    fp32 = compile_kernel(matmul.dense_fp32(M, K, O))
-    args = tensors(x, matmul.pack_weight(w), b)
-    engines["tvm fp32"] = lambda: fp32(*args, y)
+    Mp = padded_rows(M, "fp32")    # what a compiled Dense layer runs: rows padded to its best tile
+    fp32 = compile_kernel(matmul.dense_fp32(Mp, K, O))
+    args = tensors(np.pad(x, ((0, Mp - M), (0, 0))), matmul.pack_weight(w), b)
+    y_fp32 = tvm.runtime.empty((Mp, O), "float32", tvm.cpu())
+    engines["tvm fp32"] = lambda: fp32(*args, y_fp32)
     x_t, none = tensors(x, np.zeros((1, 1), np.float32))
     for scheme in (W8A8(), W4A16(group), W4A8(group)):
         packed = {k: v.numpy() for k, v in scheme.pack(torch.from_numpy(w)).items()}
