@@ -45,14 +45,14 @@ def lanes_for(tiles: int) -> int:
 @lru_cache(maxsize=None)  # one parse per shape
 def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     """x B×Ci×H×W, w packed as for the direct kernel (schedules.conv.pack_weight), b Co →
-    y B×Co×H×W: the 3×3 convolution with zero
-    padding 1, stride 1. H and W must be multiples of 4 (`applies`).
+    y B×Co×H×W: the 3×3 convolution with zero padding 1, stride 1. H and W must be multiples
+    of 4 (`applies`).
 
-    The tiles are taken in bands of BV vectors of L tiles, the three passes run band by band,
-    so V and M of a band stay in the caches (at 256² all of V is 94 MB)."""
+    The tiles are taken in bands of BV vectors of L tiles; the data passes run band by band,
+    so V and M of a band stay in the caches (at 256² all of V would be 94 MB)."""
     TH, TW = H // 4, W // 4
-    NV = TH * TW // lanes_for(TH * TW)          # tile vectors per image
     L = lanes_for(TH * TW)
+    NV = TH * TW // L                           # tile vectors per image
     BV = max(g for g in range(1, NV + 1) if NV % g == 0 and (g == 1 or 36 * (Ci + Co) * g * L * 4 <= BAND_BYTES))
     Hp, Wp = H + 2, W + 2
     mi = channel_tile(Co)
