@@ -43,12 +43,10 @@ from compiler.errors import UserError, cli
 from compiler.fileio import ensure_writable_dir
 from compiler.model.var import KVCache
 from device.artifact import write_manifest
+from host.onnx_engine import ALIGN, SCHEMA, VERSION  # the format: defined by its torch-free reader
 
-SCHEMA = "litevar-onnx"
-VERSION = 2            # 2: weights in one shared weights.bin (external data); 1 had them in every graph
 WEIGHTS = "weights.bin"
 SHARE_MIN_BYTES = 1024  # smaller initializers (shapes, scalars, small biases) stay in their graph
-ALIGN = 4096
 
 
 class Embed(torch.nn.Module):

@@ -20,9 +20,10 @@ from device.runtime import cfg_weights
 from device.sampling import sample_tokens
 
 
+# The export format, written by compiler.export_onnx (which imports these: this module needs no torch).
 SCHEMA = "litevar-onnx"
-VERSION = 2   # the export version read here (compiler.export_onnx.VERSION)
-ALIGN = 4096
+VERSION = 2    # 2: weights once in a shared weights.bin (external data); 1 had them in every graph
+ALIGN = 4096   # weights.bin offsets, and the buffer it is read into
 
 
 def check_version(d: Path):
