@@ -43,8 +43,9 @@ from compiler.errors import UserError, cli
 from compiler.fileio import ensure_writable_dir
 from compiler.model.var import KVCache
 from device.artifact import write_manifest
-from host.onnx_engine import ALIGN, SCHEMA, VERSION  # the format: defined by its torch-free reader
+from host.onnx_engine import ALIGN, SCHEMA, VERSION
 
+# ALIGN, SCHEMA, VERSION: the format, defined by its torch-free reader (host/onnx_engine.py)
 WEIGHTS = "weights.bin"
 SHARE_MIN_BYTES = 1024  # smaller initializers (shapes, scalars, small biases) stay in their graph
 
