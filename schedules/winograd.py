@@ -33,8 +33,8 @@ def applies(Co: int, k: int, stride: int, padding: int, H: int, W: int) -> bool:
     """Worth it from 32×32 pixels and 16 output channels on. Below, transforming the filters
     (every call, so that the weights keep their size) costs more than it saves: 640 channels at
     16² took 52 ms against 68 ms direct, but 8 ms with filters transformed ahead (one-off
-    timings on this machine under load). With 3 output
-    channels the data transforms outweigh the few products."""
+    timings on this machine under load). With 3 output channels the data transforms outweigh
+    the few products."""
     return (k == 3 and stride == 1 and padding == 1 and H % 4 == 0 and W % 4 == 0
             and H * W >= MIN_PIXELS and Co >= 16)
 
