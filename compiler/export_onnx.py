@@ -4,12 +4,13 @@
 
 Same functions and static shapes as the compiled artifact (compiler/lower/module.py), from the
 PyTorch reference through `torch.onnx.export(..., dynamo=True)`:
-    embed.onnx     labels 2B int64                          → cond 2B×C, x 2B×1×C
-    scale_<s>.onnx x, cond, tw 2, k_cache, v_cache          → guided logits B×n×V, k, v
+    embed.onnx     labels 2B int64                          → mods 2B×(6D+2)×C, x 2B×1×C
+    scale_<s>.onnx x, mods, tw 2, k_cache, v_cache          → guided logits B×n×V, k, v
     next_<s>.onnx  idx B×n int64, f_hat                     → f_hat_next, x of scale s+1
     last.onnx      idx, f_hat                               → f_hat_next
     decode.onnx    f_hat                                    → images B×3×H×W in [0, 1]
-The caches are depth×2B×H×T×c holding the T tokens of the earlier scales (scale 0 has none);
+mods are the AdaLN vectors of every block and of the head (VAR.modulations), computed once per
+image as in the compiled artifact, so that both run the same graphs. The caches are depth×2B×H×T×c holding the T tokens of the earlier scales (scale 0 has none);
 each scale returns them extended by its own tokens. ONNX has no in-place update, so the
 caches are passed in and out. The export is of the dense fp32 model: a plan's integer kernels
 are ours, not ONNX operators.
@@ -57,7 +58,7 @@ class Embed(torch.nn.Module):
 
     def forward(self, labels):
         cond = self.var.class_emb(labels)
-        return cond, self.var.first_input(cond)
+        return self.var.modulations(cond), self.var.first_input(cond)
 
 
 class Scale(torch.nn.Module):
@@ -67,12 +68,12 @@ class Scale(torch.nn.Module):
         super().__init__()
         self.var, self.si = var, si
 
-    def forward(self, x, cond, tw, k_cache=None, v_cache=None):
+    def forward(self, x, mods, tw, k_cache=None, v_cache=None):
         caches = [KVCache() for _ in self.var.blocks]
         if k_cache is not None:
             for d, c in enumerate(caches):
                 c.k, c.v = k_cache[d], v_cache[d]
-        logits = self.var.forward_scale(x, cond, caches)
+        logits = self.var.forward_scale_modulated(x, mods, caches)
         B = logits.shape[0] // 2
         guided = tw[0] * logits[:B] - tw[1] * logits[B:]    # (1 + t)·cond − t·uncond
         return guided, torch.stack([c.k for c in caches]), torch.stack([c.v for c in caches])
@@ -110,19 +111,19 @@ def example_inputs(var, batch: int) -> dict:
     """name → (module, example inputs, input names, output names), in the order they run."""
     c, B = var.cfg, batch
     NB, H, hd = 2 * B, c.heads, c.width // c.heads
-    cond = torch.zeros(NB, c.width)
+    mods = torch.zeros(NB, 6 * c.depth + 2, c.width)
     f_hat = torch.zeros(B, c.cvae, c.patch_nums[-1], c.patch_nums[-1])
-    out = {"embed": (Embed(var), (torch.zeros(NB, dtype=torch.long),), ["labels"], ["cond", "x"])}
+    out = {"embed": (Embed(var), (torch.zeros(NB, dtype=torch.long),), ["labels"], ["mods", "x"])}
     S = len(c.patch_nums)
     for si, pn in enumerate(c.patch_nums):
         begin = c.begin_ends[si][0]
         x = torch.zeros(NB, pn * pn, c.width)
         tw = torch.tensor([1.0, 0.0])
         if si == 0:
-            args, names = (x, cond, tw), ["x", "cond", "tw"]
+            args, names = (x, mods, tw), ["x", "mods", "tw"]
         else:
             cache = torch.zeros(c.depth, NB, H, begin, hd)
-            args, names = (x, cond, tw, cache, cache.clone()), ["x", "cond", "tw", "k_cache", "v_cache"]
+            args, names = (x, mods, tw, cache, cache.clone()), ["x", "mods", "tw", "k_cache", "v_cache"]
         out[f"scale_{si}"] = (Scale(var, si), args, names, ["logits", "k", "v"])
         name = f"next_{si}" if si < S - 1 else "last"
         outs = ["f_hat_next", "x"] if si < S - 1 else ["f_hat_next"]

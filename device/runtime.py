@@ -163,11 +163,11 @@ class CompiledVAR:
             raise ValueError(f"this artifact generates 1..{B} images at a time, got {len(labels)}")
         padded = labels + [labels[-1]] * (B - len(labels))
         both = np.array(padded + [self.num_classes] * B, np.int32)  # [conditional; unconditional]
-        cond, x = self._call("embed", self._tensor(both))
+        mods, x = self._call("embed", self._tensor(both))
         f_hat = tvm.runtime.tensor(np.zeros(self.f_hat_shape, np.float32), self.dev)
         tokens = []
         for si in range(S):
-            logits, *kv = self._call(f"scale_{si}", x, cond, self._tensor(cfg_weights(cfg, si, S)), *self.kv)
+            logits, *kv = self._call(f"scale_{si}", x, mods, self._tensor(cfg_weights(cfg, si, S)), *self.kv)
             self.kv = list(kv)   # the same buffers locally; the board VM's copies over RPC
             idx = sample_tokens(logits.numpy(), top_k, top_p, rng)
             tokens.append(idx)

@@ -22,7 +22,8 @@ from device.sampling import sample_tokens
 
 # The export format, written by compiler.export_onnx (which imports these: this module needs no torch).
 SCHEMA = "litevar-onnx"
-VERSION = 2    # 2: weights once in a shared weights.bin (external data); 1 had them in every graph
+VERSION = 3    # 3: embed gives the AdaLN vectors (mods), not the class embedding; 2: weights once in
+               # a shared weights.bin (external data); 1 had them in every graph
 ALIGN = 4096   # weights.bin offsets, and the buffer it is read into
 
 
@@ -34,7 +35,7 @@ def check_version(d: Path):
         return   # load_manifest says what is wrong
     if isinstance(m, dict) and m.get("schema") == SCHEMA and m.get("version") != VERSION:
         raise ArtifactError(f"{d}: ONNX export version {m.get('version')}, this engine reads version {VERSION} "
-                            f"(weights shared in weights.bin); re-export it: python -m compiler.export_onnx --out {d}")
+                            f"; re-export it: python -m compiler.export_onnx --out {d}")
 
 
 def read_weights(path: Path) -> np.ndarray:
@@ -102,12 +103,12 @@ class OnnxVAR:
         labels = [int(c) for c in labels]
         padded = labels + [labels[-1]] * (B - len(labels))
         both = np.array(padded + [self.num_classes] * B, np.int64)
-        cond, x = self._run("embed", labels=both)
+        mods, x = self._run("embed", labels=both)
         f_hat = np.zeros(self.f_hat_shape, np.float32)
         k = v = None
         tokens = []
         for si in range(S):
-            feeds = {"x": x, "cond": cond, "tw": cfg_weights(cfg, si, S)}
+            feeds = {"x": x, "mods": mods, "tw": cfg_weights(cfg, si, S)}
             if si > 0:
                 feeds.update(k_cache=k, v_cache=v)
             logits, k, v = self._run(f"scale_{si}", **feeds)

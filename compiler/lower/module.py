@@ -1,7 +1,7 @@
 """The exported module: every function the board calls, with fully static shapes for batch B.
 
-    embed(labels 2B int32)               → (cond, x₀)
-    scale_<s>(x, cond, tw, kv_0 … kv_D−1) → (guided logits B×n×V, kv_0 … kv_D−1)   s = 0 … S−1
+    embed(labels 2B int32)               → (mods, x₀)       mods: the AdaLN vectors (var_graph.py)
+    scale_<s>(x, mods, tw, kv_0 … kv_D−1) → (guided logits B×n×V, kv_0 … kv_D−1)   s = 0 … S−1
     next_<s>(idx B×n int32, f_hat)       → (f_hat, x of scale s+1)       s = 0 … S−2
     last(idx B×n int32, f_hat)           → f_hat
     decode(f_hat)                        → images B×3×H×W in [0, 1]
@@ -36,12 +36,12 @@ class GenerationModule(nn.Module):
             setattr(self, f"next_{si}", functools.partial(self._next, si))
 
     def _scale_function(self, si):
-        """scale_<si>(x, cond, tw, kv_0, …, kv_{D−1}) with those parameter names (nn's export
+        """scale_<si>(x, mods, tw, kv_0, …, kv_{D−1}) with those parameter names (nn's export
         names the function's inputs after them)."""
-        def scale(x, cond, tw, *kv):
-            logits, kv = self.var.scale(si, x, cond, tw, kv)
+        def scale(x, mods, tw, *kv):
+            logits, kv = self.var.scale(si, x, mods, tw, kv)
             return (logits, *kv)
-        names = ["x", "cond", "tw"] + [f"kv_{d}" for d in range(self.cfg.depth)]
+        names = ["x", "mods", "tw"] + [f"kv_{d}" for d in range(self.cfg.depth)]
         scale.__signature__ = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
         return scale
@@ -69,7 +69,7 @@ class GenerationModule(nn.Module):
         plain = {"$": {"param_mode": "plain", "effect_mode": "none"}}
         out = {"embed": {"labels": spec.Tensor([NB], "int32"), **plain}}
         for si, pn in enumerate(cfg.patch_nums):
-            out[f"scale_{si}"] = {"x": spec.Tensor([NB, pn * pn, C], f32), "cond": spec.Tensor([NB, C], f32),
+            out[f"scale_{si}"] = {"x": spec.Tensor([NB, pn * pn, C], f32), "mods": spec.Tensor([NB, 6 * cfg.depth + 2, C], f32),
                                   "tw": spec.Tensor([2], f32), **kv, **plain}
             idx = spec.Tensor([B, pn * pn], "int32")
             name = f"next_{si}" if si < len(cfg.patch_nums) - 1 else "last"

@@ -1,8 +1,11 @@
 """The VAR transformer as static Relax graphs, one function per scale (relax.frontend.nn).
 
 Functions of the exported module (B images, CFG batch 2B = [conditional; unconditional]):
-    embed(labels 2B)                         → (cond 2B×C, x 2B×1×C)      class embedding, scale 0 input
-    scale_<s>(x 2B×n×C, cond, tw 2, kv)      → (guided logits B×n×V, kv)  all blocks and the head
+    embed(labels 2B)                         → (mods 2B×(6D+2)×C, x 2B×1×C)  AdaLN vectors, scale 0 input
+    scale_<s>(x 2B×n×C, mods, tw 2, kv)      → (guided logits B×n×V, kv)     all blocks and the head
+mods holds every block's six AdaLN vectors and the head's two (VAR.modulations): they depend on
+the class only, so embed computes them once per image instead of every scale reading all
+AdaLN weights again (a third of d16's weights, streamed from memory at every scale).
 kv is a tuple of `depth` caches 2×2B×H×L×c, preallocated by the caller and written in place at
 the scale's token offset; attention reads only the keys the plan keeps (schedules/attention.py).
 tw = (1 + t, t) are the guidance weights of the scale; `next_input` turns the VQVAE's
@@ -108,13 +111,16 @@ class Block(nn.Module):
         else:
             self.ada_lin = Dense(block.ada_lin[1], gpu=gpu, int_dot=int_dot)
 
-    def forward(self, x, cond, kv, si, geom, cfg):
-        C, NB = self.C, int(x.shape[0])
+    def modulation(self, block_cond):
+        """The six AdaLN vectors, 2B×6×C."""
+        C, NB = self.C, int(block_cond.shape[0])
         if self.shared_aln:
-            mod = op.add(self.ada_gss, cond)                       # 2B×1×6×C
-        else:
-            mod = op.reshape(self.ada_lin(op.silu(cond)), [NB, 1, 6, C])
-        g1, g2, s1, s2, b1, b2 = (op.reshape(t, [NB, 1, C]) for t in op.split(mod, 6, axis=2))
+            return op.reshape(op.add(self.ada_gss, block_cond), [NB, 6, C])   # cond: 2B×1×6×C
+        return op.reshape(self.ada_lin(op.silu(block_cond)), [NB, 6, C])
+
+    def forward(self, x, mod, kv, si, geom, cfg):
+        C = self.C
+        g1, g2, s1, s2, b1, b2 = op.split(mod, 6, axis=1)                   # each 2B×1×C
         a, kv = self.attn(_modulate(x, C, s1, b1), kv, si, geom, cfg)
         x = op.add(x, op.multiply(a, g1))
         x = op.add(x, op.multiply(self.ffn(_modulate(x, C, s2, b2)), g2))
@@ -150,24 +156,31 @@ class VARGraph(nn.Module):
         first = cfg.patch_nums[0] ** 2
         x = op.add(op.add(op.broadcast_to(op.reshape(cond, [NB, 1, C]), [NB, first, C]), self.pos_start),
                    self.lvl_pos_slice(0))
-        return cond, x
+        return self.modulations(cond), x
+
+    def modulations(self, cond):
+        """VAR.modulations: 2B×(6·depth + 2)×C."""
+        NB, C = int(cond.shape[0]), self.cfg.width
+        block_cond = cond
+        if self.cfg.shared_aln:
+            block_cond = op.reshape(self.shared_ada_lin(op.silu(cond)), [NB, 1, 6, C])
+        head = op.reshape(self.head_ada_lin(op.silu(cond)), [NB, 2, C])
+        return op.concat([b.modulation(block_cond) for b in self.blocks] + [head], dim=1)
 
     def next_input(self, si: int, nxt):
         """Scale si's input from f̂ downsampled to it (B×n×Cvae): word_embed + lvl_pos, both CFG halves."""
         x = op.add(self.word_embed(nxt), self.lvl_pos_slice(si))
         return op.concat([x, x], dim=0)
 
-    def scale(self, si: int, x, cond, tw, kv):
+    def scale(self, si: int, x, mods, tw, kv):
         cfg, C, NB = self.cfg, self.cfg.width, int(x.shape[0])
-        n, V = int(x.shape[1]), cfg.vocab_size
-        block_cond = cond
-        if cfg.shared_aln:
-            block_cond = op.reshape(self.shared_ada_lin(op.silu(cond)), [NB, 1, 6, C])
+        n, V, D = int(x.shape[1]), cfg.vocab_size, cfg.depth
         kv = list(kv)
+        per_block = op.split(mods, [6 * d for d in range(1, D + 1)], axis=1)   # D × (2B×6×C), head 2B×2×C
         for d, block in enumerate(self.blocks):
-            x, kv[d] = block(x, block_cond, kv[d], si, self.geom, cfg)
-        scale, shift = op.split(op.reshape(self.head_ada_lin(op.silu(cond)), [NB, 1, 2, C]), 2, axis=2)
-        h = _modulate(x, C, op.reshape(scale, [NB, 1, C]), op.reshape(shift, [NB, 1, C]))
+            x, kv[d] = block(x, per_block[d], kv[d], si, self.geom, cfg)
+        scale, shift = op.split(per_block[D], 2, axis=1)
+        h = _modulate(x, C, scale, shift)
         logits = self.head(h)                                            # 2B×n×V
         cond_l, uncond_l = op.split(logits, 2, axis=0)
         w_cond, w_uncond = op.split(tw, 2, axis=0)

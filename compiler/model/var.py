@@ -107,8 +107,10 @@ class AdaLNSelfAttn(nn.Module):
             return (self.ada_gss + cond_BD).unbind(2)
         return self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
 
-    def forward(self, x, cond_BD, attn_bias=None, cache: KVCache | None = None):
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
+    def forward(self, x, cond_BD, attn_bias=None, cache: KVCache | None = None, mod=None):
+        """`mod` (B×6×C, VAR.modulations) replaces modulation(cond_BD) when given."""
+        six = self.modulation(cond_BD) if mod is None else mod.unsqueeze(2).unbind(1)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = six
         ln = lambda t: F.layer_norm(t, (self.C,), eps=LN_EPS)  # noqa: E731
         x = x + self.attn(ln(x).mul(scale1.add(1)).add_(shift1), attn_bias, cache).mul_(gamma1)
         x = x + self.ffn(ln(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2)
@@ -121,8 +123,9 @@ class AdaLNBeforeHead(nn.Module):
         self.C = C
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
 
-    def forward(self, x, cond_BD):
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+    def forward(self, x, cond_BD, mod=None):
+        """`mod` (B×2×C, VAR.modulations) replaces ada_lin(cond_BD) when given."""
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2) if mod is None else mod.unsqueeze(2).unbind(1)
         return F.layer_norm(x, (self.C,), eps=LN_EPS).mul(scale.add(1)).add_(shift)
 
 
@@ -185,6 +188,21 @@ class VAR(nn.Module):
         for block, cache in zip(self.blocks, caches):
             x = block(x, cond, None, cache)
         return self.get_logits(x, cond_BD)
+
+    def modulations(self, cond_BD):
+        """Every block's six AdaLN vectors, then the head's two: B×(6·depth + 2)×C. They depend
+        on the class only, so compiled samplers compute them once per image, not per scale."""
+        cond = self.block_cond(cond_BD)
+        mods = [torch.stack(b.modulation(cond), 1).flatten(1, 2) for b in self.blocks]
+        mods.append(self.head_nm.ada_lin(cond_BD).view(-1, 2, self.cfg.width))
+        return torch.cat(mods, 1)
+
+    def forward_scale_modulated(self, x, mods, caches):
+        """forward_scale with the modulations computed beforehand (VAR.modulations)."""
+        for d, (block, cache) in enumerate(zip(self.blocks, caches)):
+            x = block(x, None, None, cache, mod=mods[:, 6 * d:6 * d + 6])
+        h = self.head_nm(x.float(), None, mod=mods[:, -2:])
+        return self.head(h).float()
 
     def forward(self, label_B, x_BLCv_wo_first_l):
         """Teacher forcing: logits B×L×V for the whole sequence in one pass (no class dropout)."""
