@@ -30,6 +30,26 @@ def test_dense_fp32_matches_numpy(M, K, O):
     np.testing.assert_allclose(y, x @ w.T + b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("M,K,O", [(18, 40, 32), (66, 64, 48)])
+def test_dense_fp32_gelu_epilogue_matches_torch(M, K, O):
+    rng = np.random.default_rng(M)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (O, K), (O,)))
+    (y,) = run(matmul.dense_fp32(M, K, O, gelu=True), x, matmul.pack_weight(w), b, out=[((M, O), "float32")])
+    want = torch.nn.functional.gelu(torch.from_numpy(x @ w.T + b).double(), approximate="tanh").numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+
+
+def test_fast_tanh_is_within_4e_7_of_tanh():
+    x = np.concatenate([np.linspace(-12, 12, 48001), [0.0, 3e38, -3e38]]).astype(np.float32)
+
+    @tvm.script.tirx.prim_func(private=True)
+    def f(a: tvm.script.tirx.Buffer((x.size,), "float32"), b: tvm.script.tirx.Buffer((x.size,), "float32")):
+        for i in range(x.size):
+            b[i] = matmul.fast_tanh(a[i])
+    (y,) = run(f, x, out=[((x.size,), "float32")])
+    np.testing.assert_allclose(y, np.tanh(x.astype(np.float64)), rtol=0, atol=4e-7)
+
+
 def test_pack_weight_refuses_ragged_panels():
     with pytest.raises(ValueError, match="multiple of 16"):
         matmul.pack_weight(np.zeros((20, 8), np.float32))

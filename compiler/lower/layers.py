@@ -1,6 +1,8 @@
 """Graph layers that call the kernels of schedules/: dense (fp32, W8A8, W4A16, W4A8) and attention."""
 from __future__ import annotations
 
+import math
+
 import torch
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
@@ -57,38 +59,37 @@ class Dense(nn.Module):
         self.b = param(b.float() if b is not None else torch.zeros(O))
         self.in_features, self.out_features = K, O
 
-    def forward(self, x):
+    def forward(self, x, gelu: bool = False):
+        """y = x·Wᵀ + b over the last axis; with `gelu`, GELU(y) (ffn.fc1)."""
         lead = list(x.shape[:-1])
         M = 1
         for d in lead:
             M *= int(d)
-        K, O, gpu = self.in_features, self.out_features, self.gpu
+        K, O = self.in_features, self.out_features
         x2 = op.reshape(x, [M, K])
-        if gpu:
-            return op.reshape(self._forward_gpu(x2, M, K), lead + [O])
-        Mp = padded_rows(M, self.scheme)
-        if Mp != M:
-            x2 = op.pad(x2, [0, Mp - M, 0, 0])
-        y = self._forward_cpu(x2, Mp, K)
-        if Mp != M:
-            y = op.split(y, [M], axis=0)[0]
+        if self.gpu:
+            y = self._forward_gpu(x2, M, K)
+            y = gelu_tanh(y) if gelu else y
+        else:
+            Mp = padded_rows(M, self.scheme)
+            y = unpad_rows(self.rows(pad_rows(x2, Mp), Mp, gelu), M)
         return op.reshape(y, lead + [O])
 
-    def _forward_cpu(self, x2, M, K):
+    def rows(self, x2, M, gelu: bool = False):
+        """The CPU kernel on x2 M×K, M already padded_rows(…, scheme) → M×O."""
         O = self.out_features
         if self.scheme == "fp32":
-            y = op.tensor_ir_op(matmul.dense_fp32(M, K, O), "dense", [x2, self.wp, self.b], placeholder([M, O]))
-        else:
-            sx = op.zeros([1, 1], "float32")  # w4a16 keeps float activations: no scales
-            if self.scheme != "w4a16":
-                x2, sx = quantize(x2, M, K, False)
-            kernel = (qmatmul.dense_w8a8_dot(M, K, O, self.dot) if self.dot
-                      else qmatmul.dense_quant(M, K, O, self.scheme, self.group))
-            y = op.tensor_ir_op(kernel, f"dense_{self.scheme}",
-                                [x2, sx, self.wp, self.sw, self.b], placeholder([M, O]))
-            if self.scheme != "w4a16":
-                y = op.add(y, self.b)
-        return y
+            return op.tensor_ir_op(matmul.dense_fp32(M, self.in_features, O, gelu), "dense",
+                                   [x2, self.wp, self.b], placeholder([M, O]))
+        sx = op.zeros([1, 1], "float32")  # w4a16 keeps float activations: no scales
+        if self.scheme != "w4a16":
+            x2, sx = quantize(x2, M, self.in_features, False)
+        kernel = (qmatmul.dense_w8a8_dot(M, self.in_features, O, self.dot) if self.dot
+                  else qmatmul.dense_quant(M, self.in_features, O, self.scheme, self.group))
+        y = op.tensor_ir_op(kernel, f"dense_{self.scheme}", [x2, sx, self.wp, self.sw, self.b], placeholder([M, O]))
+        if self.scheme != "w4a16":
+            y = op.add(y, self.b)
+        return gelu_tanh(y) if gelu else y
 
     def _forward_gpu(self, x2, M, K):
         """Plain Relax matmuls (weights K×O) that DLight's GPU rules schedule, fused with the
@@ -124,6 +125,23 @@ def padded_rows(M: int, scheme: str = "fp32") -> int:
     if scheme == "fp32":
         return (M + 5) // 6 * 6
     return M if matmul.row_tile(M) >= 3 else (M + 3) // 4 * 4
+
+
+def pad_rows(x2, Mp: int):
+    M = int(x2.shape[0])
+    return op.pad(x2, [0, Mp - M, 0, 0]) if Mp != M else x2
+
+
+def unpad_rows(y, M: int):
+    return op.split(y, [M], axis=0)[0] if int(y.shape[0]) != M else y
+
+
+def gelu_tanh(x):
+    """GELU, tanh form, written out: relax's gelu_tanh lowers to a scalar libm tanh per element on
+    CPUs (6 ms for 512×512 here); a plain tanh lets the CPU pipeline use TVM's vectorisable
+    fast_tanh (relax.transform.FastMathTransform; 4× faster, within 1e-6). The fp32 CPU kernel
+    computes it in its epilogue instead (schedules/matmul.py)."""
+    return x * 0.5 * (op.tanh((x * x * x * 0.044715 + x) * math.sqrt(2 / math.pi)) + 1.0)
 
 
 def quantize(x2, M, K, gpu):
