@@ -266,6 +266,9 @@ def test_dense_layer_pads_rows_without_a_good_tile(scheme):
     from compiler.lower.layers import Dense, padded_rows
     M, K, O = 98, 64, 32
     assert padded_rows(M, "fp32") == 102 and padded_rows(M, "w8a8") == 100 and padded_rows(50, "fp32") == 50
+    for m in range(64, 2000):   # fc1 and fc2 of different schemes share the larger padding
+        shared = max(padded_rows(m, "fp32"), padded_rows(m, "w8a8"))
+        assert matmul.row_tile(shared) >= 3 and matmul.row_tile(shared, matmul.FP32_ROW_TILES) >= 3
     torch.manual_seed(0)
     lin = torch.nn.Linear(K, O)
     layer = lin if scheme is None else QuantLinear(lin, scheme)

@@ -119,7 +119,9 @@ def padded_rows(M: int, scheme: str = "fp32") -> int:
     """Rows the CPU kernels run, from 64 rows on: M rounded up to a multiple of 6 for fp32 (its
     best register tile; 512 → 516 rows), to a multiple of 4 for the integer kernels when M has no
     divisor among their row tiles but 2 (d16's scale 8 has 2·13² = 338 tokens: tiles of 2 rows
-    ran it at two thirds of the speed of 4). The padding copies cost far less than the tiles save."""
+    ran it at two thirds of the speed of 4). The padding copies cost far less than the tiles save.
+    Both tile sets hold 6, 5, 4 and 3, so either padding has a tile of 3 rows or more in both
+    kernels: layers that share their rows (fc1 → fc2) take the larger."""
     if M < 64:
         return M
     if scheme == "fp32":
