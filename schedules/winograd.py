@@ -9,9 +9,10 @@ all of its time in 3×3 convolutions.
 
 Parallel passes, each simple to vectorise (lanes run over L tiles, or over the mi channels
 of a filter tile):
+    zero padding      x → xp, each row split by column phase (4·j + k at [k, j])
     filter transform  w (schedules.conv.pack_weight) → U  36 × Co/mi × Ci × mi
     for each band of tiles (so that V and M stay in the caches):
-        input transform   x, zero-padded            → V  36 × tiles × Ci
+        input transform   xp                        → V  36 × tiles × Ci
         matrix products   U, V                      → M  36 × tiles × Co  (register tile mi × L)
         output transform  M                         → y  plus the bias, 4×4 pixels per tile
 The matrices are Lavin & Gray's (arXiv 1509.09308, interpolation points 0, ±1, ±2, ∞), written
@@ -59,18 +60,22 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     mi = channel_tile(Co)
     nt = Co // mi
     i64 = T.int64
-    if TW % L == 0:   # the L tiles of a vector share a tile row: strided loads, no per-lane division
+    Wq = W // 4 + 1   # padded columns by phase: xp[…, i, k, j] is padded column 4·j + k
+    if TW % L == 0:   # the L tiles of a vector share a tile row: contiguous loads, no per-lane division
         def top(tv, l):
             return tv // (TW // L) * 4
 
-        def left(tv, l):
-            return (tv % (TW // L) * L + l) * 4
+        def tcol(tv, l):
+            return tv % (TW // L) * L + l
     else:
         def top(tv, l):
             return (tv * L + l) // TW * 4
 
-        def left(tv, l):
-            return (tv * L + l) % TW * 4
+        def tcol(tv, l):
+            return (tv * L + l) % TW
+
+    def left(tv, l):
+        return tcol(tv, l) * 4
 
     @T.prim_func(private=True)
     def wino(x: T.Buffer((i64(B), i64(Ci), i64(H), i64(W)), "float32"),
@@ -78,16 +83,20 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
              b: T.Buffer((i64(Co),), "float32"),
              y: T.Buffer((i64(B), i64(Co), i64(H), i64(W)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        xp = T.decl_buffer((B, Ci, Hp, Wp), "float32")
+        xp = T.decl_buffer((B, Ci, Hp, 4, Wq), "float32")
         u = T.decl_buffer((36, nt, Ci, mi), "float32")
         V = T.decl_buffer((36, BV, Ci, L), "float32")
         M = T.decl_buffer((36, BV, Co, L), "float32")
+        # Zero-padded and split by column phase (column 4·j + k at [k, j]), so that the input
+        # transform reads the same patch entry of consecutive tiles as one contiguous vector.
         for nc in T.parallel(B * Ci):
             for i in range(Hp):
-                for j in range(Wp):
-                    xp[nc // Ci, nc % Ci, i, j] = T.Select((i >= 1) & (i <= H) & (j >= 1) & (j <= W),
-                                                           x[nc // Ci, nc % Ci, T.max(i - 1, 0), T.max(j - 1, 0)],
-                                                           T.float32(0))
+                for k in T.unroll(4):
+                    for j in range(Wq):
+                        xp[nc // Ci, nc % Ci, i, k, j] = T.Select(
+                            (i >= 1) & (i <= H) & (4 * j + k >= 1) & (4 * j + k <= W),
+                            x[nc // Ci, nc % Ci, T.min(T.max(i - 1, 0), H - 1), T.min(T.max(4 * j + k - 1, 0), W - 1)],
+                            T.float32(0))
         # Filter transform U = G·g·Gᵀ, here rather than at build time: the weights keep their size.
         for ot in T.parallel(nt):
             gt = T.decl_buffer((6, 3, mi), "float32", scope="local")
@@ -122,7 +131,8 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                         for r in T.unroll(6):
                             for s in T.unroll(6):
                                 for l in T.vectorized(L):
-                                    d[r, s, l] = xp[n, c, top(band * BV + tv, l) + r, left(band * BV + tv, l) + s]
+                                    d[r, s, l] = xp[n, c, top(band * BV + tv, l) + r, s % 4,
+                                                    tcol(band * BV + tv, l) + s // 4]
                         for s in T.unroll(6):  # e = Bᵀ·d, down the columns
                             for l in T.vectorized(L):
                                 e[0, s, l] = 4 * d[0, s, l] - 5 * d[2, s, l] + d[4, s, l]
