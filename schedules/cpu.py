@@ -3,8 +3,9 @@
 TVM's default CPU pipeline leaves legalized operators (LayerNorm, GELU, softmax, GroupNorm,
 the small matmuls of the f̂ resize and the decoder's attention, copies) as serial loops on one
 core. DLight's CPU `Reduction` rule parallelises and vectorises the norm/softmax family; the
-`ParallelLoops` rule below takes what is left: per block, the outer spatial loops run in
-parallel and an injective block's innermost loop is vectorised.
+`ParallelLoops` rule below takes what is left: chains of elementwise blocks are inlined into
+one, then per block the outer spatial loops run in parallel and an injective block's innermost
+loop is vectorised.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tvm import s_tir
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
+from tvm.s_tir.dlight.base.common_schedules import try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 VECTOR = 8          # fp32 lanes of an AVX2 / two NEON registers
@@ -26,6 +28,8 @@ class ParallelLoops(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if not infos:
             return None
+        # a fused elementwise chain (GELU: 12 blocks) as one loop nest, not one pass per block
+        infos = try_inline_contiguous_spatial(sch, infos)
         for info in infos:
             loops = sch.get_loops(info.block_rv)
             kinds = info.dom_kind()
