@@ -52,6 +52,26 @@ def test_teacher_forced_logits_equal_cached_per_scale_logits(cfg):
     assert not torch.allclose(cached_logits(var, vae, [2, 0], bad)[:, 5:], cached[:, 5:], atol=1e-3)
 
 
+@pytest.mark.parametrize("cfg", [TINY_VAR, VARConfig(**{**TINY_VAR.to_dict(), "shared_aln": True})])
+def test_modulations_computed_once_give_the_per_scale_logits(cfg):
+    """What the compiled artifact and the ONNX export do: the AdaLN vectors once, from embed."""
+    var, _ = tiny_models(var_cfg=cfg) if not cfg.shared_aln else _shared_tiny(cfg)
+    with torch.no_grad():
+        cond = var.class_emb(torch.tensor([0, 3, var.num_classes, var.num_classes]))
+        mods = var.modulations(cond)
+        assert mods.shape == (4, 6 * cfg.depth + 2, cfg.width)
+        per_scale, once = [KVCache() for _ in var.blocks], [KVCache() for _ in var.blocks]
+        x = var.first_input(cond)
+        for si, pn in enumerate(cfg.patch_nums):
+            want = var.forward_scale(x, cond, per_scale)
+            torch.testing.assert_close(var.forward_scale_modulated(x, mods, once), want, atol=0, rtol=0)
+            nxt = cfg.patch_nums[min(si + 1, len(cfg.patch_nums) - 1)] ** 2
+            x = torch.randn(4, nxt, cfg.width)
+        # and it can fail: another class's vectors change the logits
+        assert not torch.allclose(var.forward_scale_modulated(x, mods.flip(0), [KVCache() for _ in var.blocks]),
+                                  var.forward_scale(x, cond, [KVCache() for _ in var.blocks]), atol=1e-4)
+
+
 def _shared_tiny(cfg):
     from compiler.model.var import VAR
     from compiler.model.vqvae import VQVAE
