@@ -56,7 +56,7 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     L = lanes_for(TH * TW)
     NV = TH * TW // L                           # tile vectors per image
     BV = max(g for g in range(1, NV + 1) if NV % g == 0 and (g == 1 or 36 * (Ci + Co) * g * L * 4 <= BAND_BYTES))
-    Hp, Wp = H + 2, W + 2
+    Hp = H + 2
     mi = channel_tile(Co)
     nt = Co // mi
     i64 = T.int64
