@@ -10,7 +10,9 @@ For the transformer shapes of the model at its last scale (2 × n tokens under C
   PyTorch's scaled_dot_product_attention on the dense problem;
 - the 3×3 convolutions of the VQVAE decoder at their image sizes against PyTorch's conv2d.
 Each row gives the median time, GFLOP/s (multiply-adds × 2, kept pairs only for attention) and
-the fraction of this CPU's peak, measured first by a kernel of independent vector FMAs.
+the fraction of this CPU's peak, measured first by a kernel of independent vector FMAs; int8
+rows also the fraction of its integer peak, where W8A8 runs on vpmaddwd (x86 without VNNI),
+measured by the same kind of kernel on that instruction.
 Engines are timed in rounds (A, B, C, A, B, C, …), so load on this shared machine hits all alike.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ CONVS = {  # decoder 3×3 convolutions: in channels, out channels, image side
     "d16": ((160, 160, 256), (160, 160, 128), (320, 320, 64), (640, 640, 16), (160, 3, 256)),
     "demo": ((64, 64, 16), (64, 64, 32), (32, 32, 32), (32, 3, 32)),
 }
+INT8_ENGINES = ("tvm w8a8", "torch int8 (fbgemm)")   # measured against the integer peak too
 WINDOWS = (64, 16, 4)      # band half-widths (in key tokens of the query's own scale) to measure
 DENSE_SCALES = 3           # key scales 0–2 stay dense, as LiteVAR keeps them
 
@@ -76,6 +79,47 @@ def peak_kernel(threads: int, iters: int, chains: int = 12, lanes: int = 8):
                     out[t, u] = out[t, u] + acc[a, u]
 
     return peak.with_attr("tirx.is_scheduled", True), 2.0 * threads * iters * chains * lanes
+
+
+def int_peak_kernel(threads: int, iters: int, chains: int = 12):
+    """The W8A8 kernel's inner step on x86 without VNNI, vpmaddwd then vpaddd (16 int16
+    multiply-adds into 8 int32 lanes), in independent chains: the integer peak it can reach."""
+    intrin = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+
+    @T.prim_func(private=True)
+    def peak(out: T.Buffer((threads, 8), "int32")):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.decl_buffer((chains * 8,), "int32", scope="local")
+            a = T.decl_buffer((16,), "int16", scope="local")
+            for u in T.vectorized(16):
+                a[u] = T.Cast("int16", u + t)
+            for c in T.unroll(chains):
+                for u in T.vectorized(8):
+                    acc[c * 8 + u] = c + u
+            for _ in range(iters):
+                for c in T.unroll(chains):   # the chain's own value as one operand: nothing to hoist
+                    acc[T.ramp(c * 8, 1, 8)] = acc[T.ramp(c * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                        intrin, T.reinterpret(acc[T.ramp(c * 8, 1, 8)], dtype="int16x16"), a[T.ramp(0, 1, 16)],
+                        dtype="int32x8")
+            for u in T.vectorized(8):
+                out[t, u] = 0
+            for c in range(chains):
+                for u in T.vectorized(8):
+                    out[t, u] = out[t, u] + acc[c * 8 + u]
+
+    return peak.with_attr("tirx.is_scheduled", True), 2.0 * threads * iters * chains * 16
+
+
+def measured_int_peak_gops(repeat: int = 5) -> float | None:
+    """Integer multiply-adds × 2 per second at the W8A8 kernel's instruction, where it is vpmaddwd."""
+    if targets.load("host").int_dot != "pmaddwd":
+        return None
+    threads = tvm.get_global_func("runtime.NumThreads")()
+    func, ops = int_peak_kernel(threads, 2_000_000)
+    f = compile_kernel(func)
+    out = tvm.runtime.empty((threads, 8), "int32", tvm.cpu())
+    return ops / min(timed(lambda: f(out), 1) for _ in range(repeat)) / 1e9
 
 
 def measured_peak_gflops(repeat: int = 5) -> float:
@@ -243,7 +287,11 @@ def run(model: str, repeat: int, log=print) -> dict:
     log(f"measuring this CPU's fp32 peak ({threads} threads of vector FMAs) …")
     peak = measured_peak_gflops()
     log(f"  {peak:.0f} GFLOP/s")
-    report = {"model": model, "tokens": M, "peak_gflops": peak, "dense": [], "attention": [], "conv": [], "groupnorm": []}
+    int_peak = measured_int_peak_gops()
+    if int_peak is not None:
+        log(f"  and its int16 dot-product peak (vpmaddwd + vpaddd): {int_peak:.0f} GOP/s")
+    report = {"model": model, "tokens": M, "peak_gflops": peak, "int_peak_gops": int_peak,
+              "dense": [], "attention": [], "conv": [], "groupnorm": []}
     layers = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, hidden),
               "fc2": (hidden, width), "head": (width, vocab)}
     for layer, (K, O) in layers.items():
@@ -253,6 +301,8 @@ def run(model: str, repeat: int, log=print) -> dict:
         for name, t in times.items():
             report["dense"].append({"layer": layer, "M": M, "K": K, "O": O, "engine": name, "ms": t * 1e3,
                                     "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak,
+                                    "of_int_peak": (flops / t / 1e9 / int_peak
+                                                    if int_peak and name in INT8_ENGINES else None),
                                     "vs_tvm_fp32": times["tvm fp32"] / t, "vs_torch_fp32": times["torch fp32"] / t})
     n, L, c = pns[-1] ** 2, sum(p * p for p in pns), width // heads
     log(f"attention: 2×{heads} heads × {n} queries × {L} keys (c={c}), compiling …")
@@ -280,10 +330,14 @@ def run(model: str, repeat: int, log=print) -> dict:
 
 
 def print_report(r: dict, log=print):
-    log(f"\nDense layers, {r['tokens']} tokens ({r['model']}); peak {r['peak_gflops']:.0f} GFLOP/s")
-    log(f"{'layer':6} {'engine':22} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8} {'vs tvm fp32':>12} {'vs torch fp32':>14}")
+    int_peak = r.get("int_peak_gops")
+    log(f"\nDense layers, {r['tokens']} tokens ({r['model']}); peak {r['peak_gflops']:.0f} GFLOP/s"
+        + (f", int16 dot peak {int_peak:.0f} GOP/s (of int peak: int8 engines)" if int_peak else ""))
+    log(f"{'layer':6} {'engine':22} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8} {'of int peak':>12} {'vs tvm fp32':>12} "
+        f"{'vs torch fp32':>14}")
     for d in r["dense"]:
-        log(f"{d['layer']:6} {d['engine']:22} {d['ms']:8.2f} {d['gflops']:8.1f} {d['of_peak']:8.1%} "
+        of_int = f"{d['of_int_peak']:12.1%}" if d.get("of_int_peak") is not None else f"{'':12}"
+        log(f"{d['layer']:6} {d['engine']:22} {d['ms']:8.2f} {d['gflops']:8.1f} {d['of_peak']:8.1%} {of_int} "
             f"{d['vs_tvm_fp32']:11.2f}× {d['vs_torch_fp32']:13.2f}×")
     log("\nAttention of the last scale (time / dense should be ≤ 1.5 × kept fraction)")
     log(f"{'engine':26} {'ms':>8} {'kept':>7} {'time/dense':>11} {'÷ kept':>7} {'GFLOP/s':>8} {'of peak':>8}")

@@ -36,6 +36,10 @@ def test_schedules_bench_reports_every_kernel(tmp_path):
     assert att["MDWA w=64"]["kept_fraction"] > att["MDWA w=16"]["kept_fraction"] > att["MDWA w=4"]["kept_fraction"]
     assert att["MDWA w=16 + ASC output"]["kept_fraction"] == att["MDWA w=16"]["kept_fraction"] / 2
     assert report["peak_gflops"] > 0 and "time / dense" in r.stdout
+    if report["int_peak_gops"] is not None:   # x86 with vpmaddwd: int8 rows also against the integer peak
+        ints = [d for d in report["dense"] if d["of_int_peak"] is not None]
+        assert {d["engine"] for d in ints} == {"tvm w8a8", "torch int8 (fbgemm)"} and "of int peak" in r.stdout
+        assert all(abs(d["of_int_peak"] * report["int_peak_gops"] - d["gflops"]) < 1e-6 * d["gflops"] for d in ints)
     convs = {(c["Ci"], c["Co"], c["side"]) for c in report["conv"]}
     assert (64, 64, 32) in convs and {c["engine"] for c in report["conv"]} == {"tvm conv", "torch conv2d", "tvm winograd"}
     winograd = {(c["Ci"], c["Co"], c["side"]) for c in report["conv"] if c["engine"] == "tvm winograd"}
