@@ -111,24 +111,22 @@ def int_peak_kernel(threads: int, iters: int, chains: int = 12):
     return peak.with_attr("tirx.is_scheduled", True), 2.0 * threads * iters * chains * 16
 
 
-def measured_int_peak_gops(repeat: int = 5) -> float | None:
-    """Integer multiply-adds × 2 per second at the W8A8 kernel's instruction, where it is vpmaddwd."""
-    if targets.load("host").int_dot != "pmaddwd":
-        return None
+def best_rate(kernel, dtype: str, repeat: int = 5) -> float:
+    """G operations per second of a peak kernel (peak_kernel, int_peak_kernel), best of `repeat`."""
     threads = tvm.get_global_func("runtime.NumThreads")()
-    func, ops = int_peak_kernel(threads, 2_000_000)
+    func, ops = kernel(threads, 2_000_000)
     f = compile_kernel(func)
-    out = tvm.runtime.empty((threads, 8), "int32", tvm.cpu())
+    out = tvm.runtime.empty((threads, 8), dtype, tvm.cpu())
     return ops / min(timed(lambda: f(out), 1) for _ in range(repeat)) / 1e9
 
 
+def measured_int_peak_gops(repeat: int = 5) -> float | None:
+    """Integer multiply-adds × 2 per second at the W8A8 kernel's instruction, where it is vpmaddwd."""
+    return best_rate(int_peak_kernel, "int32", repeat) if targets.load("host").int_dot == "pmaddwd" else None
+
+
 def measured_peak_gflops(repeat: int = 5) -> float:
-    threads = tvm.get_global_func("runtime.NumThreads")()
-    func, flops = peak_kernel(threads, 2_000_000)
-    f = compile_kernel(func)
-    out = tvm.runtime.empty((threads, 8), "float32", tvm.cpu())
-    best = min(timed(lambda: f(out), 1) for _ in range(repeat))
-    return flops / best / 1e9
+    return best_rate(peak_kernel, "float32", repeat)
 
 
 def timed(call, number: int) -> float:
