@@ -10,10 +10,11 @@ PyTorch reference through `torch.onnx.export(..., dynamo=True)`:
     last.onnx      idx, f_hat                               → f_hat_next
     decode.onnx    f_hat                                    → images B×3×H×W in [0, 1]
 mods are the AdaLN vectors of every block and of the head (VAR.modulations), computed once per
-image as in the compiled artifact, so that both run the same graphs. The caches are depth×2B×H×T×c holding the T tokens of the earlier scales (scale 0 has none);
-each scale returns them extended by its own tokens. ONNX has no in-place update, so the
-caches are passed in and out. The export is of the dense fp32 model: a plan's integer kernels
-are ours, not ONNX operators.
+image as in the compiled artifact, so that both run the same graphs. The caches are
+depth×2B×H×T×c holding the T tokens of the earlier scales (scale 0 has none); each scale
+returns them extended by its own tokens. ONNX has no in-place update, so the caches are passed
+in and out. The export is of the dense fp32 model: a plan's integer kernels are ours, not ONNX
+operators.
 
 Every scale graph uses all transformer weights, so each graph exported alone would hold its
 own copy of them. Instead, every initializer of at least 1 KiB is moved into one shared file,

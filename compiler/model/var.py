@@ -125,7 +125,10 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x, cond_BD, mod=None):
         """`mod` (B×2×C, VAR.modulations) replaces ada_lin(cond_BD) when given."""
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2) if mod is None else mod.unsqueeze(2).unbind(1)
+        if mod is None:
+            scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        else:
+            scale, shift = mod.unsqueeze(2).unbind(1)
         return F.layer_norm(x, (self.C,), eps=LN_EPS).mul(scale.add(1)).add_(shift)
 
 
