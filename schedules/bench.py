@@ -171,16 +171,14 @@ def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
     x_t, none = tensors(x, np.zeros((1, 1), np.float32))
     for scheme in (W8A8(), W4A16(group), W4A8(group)):
         packed = {k: v.numpy() for k, v in scheme.pack(torch.from_numpy(w)).items()}
-        dot = qmatmul.dot_for(targets.load("host").int_dot, K) if scheme.name == "w8a8" else None
-        if dot:     # what compiler.build uses on this CPU
-            wp, ws = qmatmul.pack_int8_dot(packed["qweight"], dot), packed["scales"]
-            kernel = compile_kernel(qmatmul.dense_w8a8_dot(M, K, O, dot))
+        dot = qmatmul.dot_for(targets.load("host").int_dot, K, scheme.group) if scheme.name != "w4a16" else None
+        if scheme.name == "w8a8":
+            wp, ws = (qmatmul.pack_int8_dot(packed["qweight"], dot) if dot else matmul.pack_weight(packed["qweight"]),
+                      packed["scales"])
         else:
-            if scheme.name == "w8a8":
-                wp, ws = matmul.pack_weight(packed["qweight"]), packed["scales"]
-            else:
-                wp, ws = qmatmul.pack_int4(packed["qweight"], packed["scales"])
-            kernel = compile_kernel(qmatmul.dense_quant(M, K, O, scheme.name, scheme.group))
+            wp, ws = qmatmul.pack_int4(packed["qweight"], packed["scales"])
+        kernel = compile_kernel(qmatmul.dense_dot(M, K, O, dot, scheme.group) if dot   # what compiler.build uses here
+                                else qmatmul.dense_quant(M, K, O, scheme.name, scheme.group))
         wargs = tensors(wp, ws, b)
         if scheme.name == "w4a16":
             engines[f"tvm {scheme.name}"] = lambda k=kernel, a=wargs: k(x_t, none, *a, y)

@@ -78,7 +78,7 @@ def dense_quant(M: int, K: int, O: int, scheme: str, group: int | None = None):
     FMA on integer-valued floats sums a run
     of products (a group, or `chunk(K)` inputs) exactly and at fp32 speed; runs are then
     combined in int32 (w8a8) or float64 (w4a8, times the group scale). x86 and ARM builds run
-    W8A8 on the CPU's integer dot product instead (dense_w8a8_dot)."""
+    W8A8 and W4A8 on the CPU's integer dot product instead (dense_dot)."""
     if O % LANES:
         raise ValueError(f"{O} output channels are not a multiple of {LANES}")
     four = scheme.startswith("w4")
@@ -160,11 +160,14 @@ def dense_quant(M: int, K: int, O: int, scheme: str, group: int | None = None):
 DOT_WIDTH = {"pmaddwd": 2, "sdot": 4, "dp4a": 4}   # inputs each instruction sums into one int32 lane
 
 
-def dot_for(dot: str | None, K: int) -> str | None:
+def dot_for(dot: str | None, K: int, group: int | None = None) -> str | None:
     """The CPU's integer dot product (targets.Board.int_dot: "pmaddwd" on x86 with AVX2, int16
-    pairs; "sdot" on AArch64 with dotprod, int8 quads) if a layer of K inputs can use it, else
-    None (the float kernel, dense_quant)."""
-    return dot if dot and K % DOT_WIDTH[dot] == 0 else None
+    pairs; "sdot" on AArch64 with dotprod, int8 quads) if a layer of K inputs (int4 groups of
+    `group`) can use it, else None (the float kernel, dense_quant)."""
+    if not dot:
+        return None
+    d = DOT_WIDTH[dot]
+    return dot if K % d == 0 and (group is None or group % d == 0) else None
 
 
 def pack_int8_dot(qweight: np.ndarray, dot: str) -> np.ndarray:
@@ -177,74 +180,128 @@ def pack_int8_dot(qweight: np.ndarray, dot: str) -> np.ndarray:
     return np.ascontiguousarray(qweight.reshape(O // LANES, LANES, K // d, d).transpose(0, 2, 1, 3))
 
 
+def nibble_word(byte, u, d: int):
+    """One int32 holding the d signed nibbles of d/2 bytes (byte[j, u], low nibble first), each
+    widened to 32/d bits: the d side-by-side weights one dot instruction reads for a channel."""
+    bits = 32 // d
+    word = 0
+    for j in range(d):
+        nib = low_nibble(byte[j // 2, u]) if j % 2 == 0 else high_nibble(byte[j // 2, u])
+        word = word | ((nib & ((1 << bits) - 1)) << (bits * j))
+    return word
+
+
 @lru_cache(maxsize=None)  # one parse per shape
-def dense_w8a8_dot(M: int, K: int, O: int, dot: str):
-    """W8A8 on the CPU's integer dot product: (x int8 M×K, sx M×1, w int8 P×K/d×LANES×d
-    (pack_int8_dot), sw f32 O, b) → y without bias, bit for bit the simulation (the int32 sums
-    are its exact integer sums).
+def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None):
+    """W8A8, or W4A8 with `group`, on the CPU's integer dot product, bit for bit the simulation
+    (the int32 sums are its exact integer sums; W4A8 scales each group's sum in float64 like
+    dense_quant). Arguments: W8A8 (x int8 M×K, sx M×1, w int8 P×K/d×LANES×d (pack_int8_dot),
+    sw f32 O, b) → y without bias; W4A8 (x int8 M×K, sx M×1, w uint8 P×K/2×LANES (pack_int4),
+    ws f16 P×G×LANES, b) → y without bias.
 
     - pmaddwd (x86 AVX2, which has no int8 dot product): multiplies 16 int16 pairs and adds each
       pair into an int32 lane, 16 multiply-adds per instruction where an fp32 FMA does 8.
       Activations, and one weight panel at a time, are widened to int16 once.
-    - sdot (AArch64): sums 4 int8 products into each of 4 int32 lanes, and accumulates; it reads
-      the int8 activations and weights where they are.
+    - sdot (AArch64): sums 4 int8 products into each of 4 int32 lanes, and accumulates; W8A8
+      reads the int8 activations and weights where they are.
+    int4 weights are unpacked once per panel into the operand layout (nibble_word): the byte
+    layout already holds each channel's inputs 2k and 2k+1 together.
     Each step broadcasts one run of d inputs of a row against the runs of 8 (pmaddwd) or 4
     (sdot) channels; a tile of `mi` rows × LANES channels stays in registers."""
     d = DOT_WIDTH[dot]
+    four = group is not None
+    if four:
+        check_group(K, group)
+        if group % d:
+            raise UserError(f"int4 group size {group} is not a multiple of {dot}'s {d} inputs")
     P, L = O // LANES, LANES
     mi = row_tile(M)
     R, KD = M // mi, K // d
+    GK = group // d if four else KD          # dot steps per group (W8A8: one group of all K)
+    G = KD // GK
     vl = 8 if dot == "pmaddwd" else 4       # int32 lanes per accumulator vector
     V = L // vl
     widen = dot == "pmaddwd"                 # operands widened to int16 first
+    unpack = widen or four                   # weights copied per panel into the operand layout
     ev = f"{'int16' if widen else 'int8'}x{vl * d}"   # one operand vector
     i64 = T.int64
     intrin = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd" if dot == "pmaddwd" else "llvm.aarch64.neon.sdot")
+    wshape = (i64(P), i64(K // 2), i64(L)) if four else (i64(P), i64(KD), i64(L), i64(d))
+    sshape = (i64(P), i64(G), i64(L)) if four else (i64(O),)
 
     @T.prim_func(private=True)
     def dense_q(x: T.Buffer((i64(M), i64(K)), "int8"),
                 sx: T.Buffer((i64(M), i64(1)), "float32"),
-                wq: T.Buffer((i64(P), i64(KD), i64(L), i64(d)), "int8"),
-                ws: T.Buffer((i64(O),), "float32"),
+                wq: T.Buffer(wshape, "uint8" if four else "int8"),
+                ws: T.Buffer(sshape, "float16" if four else "float32"),
                 b: T.Buffer((i64(O),), "float32"),
                 y: T.Buffer((i64(M), i64(O)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         x8 = T.decl_buffer((M * K,), "int8", data=x.data)          # sdot reads the int8 operands in place
-        w8 = T.decl_buffer((P * K * L,), "int8", data=wq.data)
+        w8 = T.decl_buffer((P * K * L,), "int8", data=wq.data)      # (W8A8)
         xs = T.decl_buffer((M * K if widen else 1,), "int16")       # pmaddwd: widened once
         if widen:
             for i in T.parallel(M):
                 for k in T.vectorized(K):
                     xs[i * K + k] = T.Cast("int16", x8[i * K + k])
         for p in T.parallel(P):
-            ww = T.decl_buffer((K * L if widen else 1,), "int16")
-            if widen:
+            ww = T.decl_buffer((K * L if unpack else 1,), "int16" if widen else "int8")
+            if four:
+                words = T.decl_buffer((KD * L,), "int32", data=ww.data)
+                byte = T.decl_buffer((d // 2, L), "int32", scope="local")  # a let in a vectorised loop keeps one lane
+                for kd in range(KD):
+                    for j in T.unroll(d // 2):
+                        for u in T.vectorized(L):
+                            byte[j, u] = T.Cast("int32", wq[p, kd * (d // 2) + j, u])
+                    for u in T.vectorized(L):
+                        words[kd * L + u] = nibble_word(byte, u, d)
+            elif widen:
                 for kd in range(KD):
                     for u in T.vectorized(d * L):
                         ww[kd * d * L + u] = T.Cast("int16", w8[p * K * L + kd * d * L + u])
             for r in range(R):
                 acc = T.decl_buffer((mi * L,), "int32", scope="local")
-                for ii in T.unroll(mi):
-                    for u in T.vectorized(L):
-                        acc[ii * L + u] = 0
-                for kd in range(KD):
+                facc = T.decl_buffer((mi * L if four else 1,), "float64", scope="local")
+                if four:
                     for ii in T.unroll(mi):
-                        for v in T.unroll(V):
-                            if widen:
-                                run = T.reinterpret(xs[T.ramp((r * mi + ii) * K + d * kd, 1, d)], dtype="int32")
-                                acc[T.ramp(ii * L + v * vl, 1, vl)] = acc[T.ramp(ii * L + v * vl, 1, vl)] + \
-                                    T.call_llvm_pure_intrin(intrin, T.reinterpret(T.broadcast(run, vl), dtype=ev),
-                                                            ww[T.ramp(kd * d * L + v * vl * d, 1, vl * d)],
-                                                            dtype=f"int32x{vl}")
-                            else:
-                                run = T.reinterpret(x8[T.ramp((r * mi + ii) * K + d * kd, 1, d)], dtype="int32")
-                                acc[T.ramp(ii * L + v * vl, 1, vl)] = T.call_llvm_pure_intrin(
-                                    intrin, acc[T.ramp(ii * L + v * vl, 1, vl)],
-                                    T.reinterpret(T.broadcast(run, vl), dtype=ev),
-                                    w8[T.ramp(p * K * L + kd * d * L + v * vl * d, 1, vl * d)], dtype=f"int32x{vl}")
+                        for u in T.vectorized(L):
+                            facc[ii * L + u] = T.float64(0)
+                for g in range(G):
+                    for ii in T.unroll(mi):
+                        for u in T.vectorized(L):
+                            acc[ii * L + u] = 0
+                    for kg in range(GK):
+                        for ii in T.unroll(mi):
+                            for v in T.unroll(V):
+                                if widen:
+                                    run = T.reinterpret(xs[T.ramp((r * mi + ii) * K + d * (g * GK + kg), 1, d)], dtype="int32")
+                                    acc[T.ramp(ii * L + v * vl, 1, vl)] = acc[T.ramp(ii * L + v * vl, 1, vl)] + \
+                                        T.call_llvm_pure_intrin(intrin, T.reinterpret(T.broadcast(run, vl), dtype=ev),
+                                                                ww[T.ramp((g * GK + kg) * d * L + v * vl * d, 1, vl * d)],
+                                                                dtype=f"int32x{vl}")
+                                elif four:
+                                    run = T.reinterpret(x8[T.ramp((r * mi + ii) * K + d * (g * GK + kg), 1, d)], dtype="int32")
+                                    acc[T.ramp(ii * L + v * vl, 1, vl)] = T.call_llvm_pure_intrin(
+                                        intrin, acc[T.ramp(ii * L + v * vl, 1, vl)],
+                                        T.reinterpret(T.broadcast(run, vl), dtype=ev),
+                                        ww[T.ramp((g * GK + kg) * d * L + v * vl * d, 1, vl * d)], dtype=f"int32x{vl}")
+                                else:
+                                    run = T.reinterpret(x8[T.ramp((r * mi + ii) * K + d * kg, 1, d)], dtype="int32")
+                                    acc[T.ramp(ii * L + v * vl, 1, vl)] = T.call_llvm_pure_intrin(
+                                        intrin, acc[T.ramp(ii * L + v * vl, 1, vl)],
+                                        T.reinterpret(T.broadcast(run, vl), dtype=ev),
+                                        w8[T.ramp(p * K * L + kg * d * L + v * vl * d, 1, vl * d)], dtype=f"int32x{vl}")
+                    if four:
+                        for ii in T.unroll(mi):
+                            for u in T.vectorized(L):
+                                facc[ii * L + u] = facc[ii * L + u] + \
+                                    T.Cast("float64", acc[ii * L + u]) * T.Cast("float64", ws[p, g, u])
                 for ii in T.unroll(mi):
                     for u in T.vectorized(L):
-                        y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii * L + u]) * sx[r * mi + ii, i64(0)] * ws[p * L + u]
+                        if four:
+                            y[r * mi + ii, p * L + u] = T.Cast("float32", facc[ii * L + u]) * sx[r * mi + ii, i64(0)]
+                        else:
+                            y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii * L + u]) * sx[r * mi + ii, i64(0)] * ws[p * L + u]
 
     return dense_q.with_attr("tirx.is_scheduled", True)
 

@@ -35,29 +35,37 @@ def test_arm64_build_runs_on_the_emulated_board(tmp_path):
         stop(board)
 
 
-def test_sdot_w8a8_kernel_on_the_emulated_board(tmp_path):
-    """The AArch64 W8A8 kernel (sdot), cross-compiled here and run under qemu, equals the PyTorch
-    simulation bit for bit (x86 cannot run it; arm builds use it for every W8A8 layer)."""
+def test_sdot_kernels_on_the_emulated_board(tmp_path):
+    """The AArch64 W8A8 and W4A8 kernels (sdot), cross-compiled here and run under qemu, equal
+    the PyTorch simulation bit for bit (x86 cannot run them; arm builds use them for every W8A8
+    and W4A8 layer)."""
     import torch
     import tvm
     from tvm import rpc
     from tvm.support import cc
 
     import targets
-    from compiler.compress.quant import W8A8, quantize_per_token_int8
+    from compiler.compress.quant import W4A8, W8A8, quantize_per_token_int8
     from host.emulate import serve, stop
     from schedules import qmatmul
-    M, K, O = 6, 72, 32          # 2 row tiles of 3, K = 18 runs of 4
+    M, K, O = 6, 72, 32          # 2 row tiles of 3, K = 18 runs of 4 (W4A8: 9 groups of 8)
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((M, K)) * 3).astype(np.float32)
     x[-1] = 1.0                  # a row of 127s
     w = rng.standard_normal((O, K)).astype(np.float32)
-    packed = W8A8().pack(torch.from_numpy(w))
     xq, sx = quantize_per_token_int8(torch.from_numpy(x))
-    want = W8A8().matmul(torch.from_numpy(x), packed).numpy()
+    cases = {}
+    for name, scheme in (("w8a8", W8A8()), ("w4a8", W4A8(8))):
+        packed = scheme.pack(torch.from_numpy(w))
+        if scheme.group:
+            wp, ws = qmatmul.pack_int4(packed["qweight"].numpy(), packed["scales"].numpy())
+        else:
+            wp, ws = qmatmul.pack_int8_dot(packed["qweight"].numpy(), "sdot"), packed["scales"].numpy()
+        func = qmatmul.dense_dot(M, K, O, "sdot", scheme.group).with_attr("global_symbol", name)
+        cases[name] = (func, (xq.numpy(), sx.numpy(), wp, ws, np.zeros(O, np.float32)),
+                       scheme.matmul(torch.from_numpy(x), packed).numpy())
     board = targets.load("arm64-cpu")
-    func = qmatmul.dense_w8a8_dot(M, K, O, "sdot").with_attr("global_symbol", "f")
-    lib = tvm.compile(tvm.IRModule({"f": func}), target=board.tvm_target())
+    lib = tvm.compile(tvm.IRModule({name: c[0] for name, c in cases.items()}), target=board.tvm_target())
     path = tmp_path / "sdot.so"
     lib.export_library(str(path), fcompile=cc.cross_compiler(board.cross["compiler"]))
     port = free_port()
@@ -65,12 +73,11 @@ def test_sdot_w8a8_kernel_on_the_emulated_board(tmp_path):
     try:
         remote = rpc.connect("127.0.0.1", port, session_timeout=300)
         remote.upload(str(path))
-        f = remote.load_module("sdot.so")["f"]
+        mod = remote.load_module("sdot.so")
         dev = remote.cpu()
-        args = [tvm.runtime.tensor(a, dev) for a in (xq.numpy(), sx.numpy(), qmatmul.pack_int8_dot(
-            packed["qweight"].numpy(), "sdot"), packed["scales"].numpy(), np.zeros(O, np.float32))]
-        y = tvm.runtime.empty((M, O), "float32", dev)
-        f(*args, y)
-        np.testing.assert_array_equal(y.numpy(), want)
+        for name, (_, arrays, want) in cases.items():
+            y = tvm.runtime.empty((M, O), "float32", dev)
+            mod[name](*[tvm.runtime.tensor(a, dev) for a in arrays], y)
+            np.testing.assert_array_equal(y.numpy(), want, err_msg=name)
     finally:
         stop(proc)

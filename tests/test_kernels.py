@@ -66,10 +66,10 @@ def quantized_case(M, K, O, seed):
 
 def run_quantized(scheme, x, packed, b, dot=None):
     """The CPU kernel of `scheme` on x (activations quantized by our kernel when needed);
-    `dot`: the W8A8 kernel on that integer dot product."""
+    `dot`: the W8A8 or W4A8 kernel on that integer dot product."""
     M, K = x.shape
     O = b.shape[0]
-    if dot:
+    if dot and scheme.name == "w8a8":
         w, ws = qmatmul.pack_int8_dot(packed["qweight"].numpy(), dot), packed["scales"].numpy()
     elif scheme.name == "w8a8":
         w, ws = matmul.pack_weight(packed["qweight"].numpy()), packed["scales"].numpy()
@@ -82,7 +82,8 @@ def run_quantized(scheme, x, packed, b, dot=None):
         ref_q, ref_s = quantize_per_token_int8(torch.from_numpy(x))
         np.testing.assert_array_equal(xk, ref_q.numpy())
         np.testing.assert_array_equal(sx, ref_s.numpy())
-    kernel = qmatmul.dense_w8a8_dot(M, K, O, dot) if dot else qmatmul.dense_quant(M, K, O, scheme.name, scheme.group)
+    kernel = (qmatmul.dense_dot(M, K, O, dot, scheme.group) if dot
+              else qmatmul.dense_quant(M, K, O, scheme.name, scheme.group))
     (y,) = run(kernel, xk, sx, w, ws, b,
                out=[((M, O), "float32")])
     return y if scheme.name == "w4a16" else y + b  # the bias is the caller's for integer kernels
@@ -99,14 +100,17 @@ def test_integer_kernels_equal_the_pytorch_simulation_bit_for_bit(scheme, M, K, 
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="vpmaddwd is an x86 instruction")
+@pytest.mark.parametrize("scheme", [W8A8(), W4A8(32), W4A8(2)], ids=lambda s: f"{s.name}-{s.group}")
 @pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 128, 32), (1, 2112, 16), (5, 6, 16)])
-def test_w8a8_pmaddwd_kernel_equals_the_pytorch_simulation_bit_for_bit(M, K, O):
+def test_pmaddwd_kernels_equal_the_pytorch_simulation_bit_for_bit(scheme, M, K, O):
+    if scheme.group and K % scheme.group:
+        pytest.skip("the group does not divide K")
     x, w, b = quantized_case(M, K, O, K + O)
     x[-1] = 1.0                        # a row of 127s: the largest sums
     w[0] = -1.0
-    packed = W8A8().pack(torch.from_numpy(w))
-    want = (W8A8().matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
-    np.testing.assert_array_equal(run_quantized(W8A8(), x, packed, b, dot="pmaddwd"), want)
+    packed = scheme.pack(torch.from_numpy(w))
+    want = (scheme.matmul(torch.from_numpy(x), packed) + torch.from_numpy(b)).numpy()
+    np.testing.assert_array_equal(run_quantized(scheme, x, packed, b, dot="pmaddwd"), want)
 
 
 def test_each_cpu_gets_its_integer_dot_product():
@@ -117,6 +121,9 @@ def test_each_cpu_gets_its_integer_dot_product():
         assert targets.load("host").int_dot == "pmaddwd"
     assert qmatmul.dot_for("sdot", 1024) == "sdot" and qmatmul.dot_for("pmaddwd", 7) is None  # odd K: float kernel
     assert qmatmul.dot_for("sdot", 6) is None and qmatmul.dot_for(None, 1024) is None
+    assert qmatmul.dot_for("sdot", 64, 2) is None and qmatmul.dot_for("pmaddwd", 64, 2) == "pmaddwd"  # int4 groups
+    with pytest.raises(UserError, match="group size 2 is not a multiple of sdot's 4"):
+        qmatmul.dense_dot(4, 64, 16, "sdot", 2)
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -130,13 +137,17 @@ def test_w4a16_kernel_matches_the_dequantized_product(group, M, K, O):
 
 
 def test_int4_nibbles_cover_the_whole_grid():
-    """Every value of [-8, 7] in both nibbles survives pack → kernel unpack."""
+    """Every value of [-8, 7] in both nibbles survives pack → kernel unpack, in the float kernel
+    and (x86) in the integer dot kernel's operand words."""
     q = np.array([[a, c] for a in range(-8, 8) for c in range(-8, 8)], np.int8).reshape(1, -1)
     q = np.repeat(q, 16, 0)                              # 16 channels × 512 inputs
     packed = {"qweight": pack_int4(torch.from_numpy(q)), "scales": torch.ones(16, 16, dtype=torch.float16)}
     x = np.eye(512, dtype=np.float32)                   # y[i, o] = w[o, i]
     y = run_quantized(W4A16(32), x, packed, np.zeros(16, np.float32))
     np.testing.assert_array_equal(y.T, q.astype(np.float32))
+    if platform.machine() == "x86_64":
+        y = run_quantized(W4A8(32), 127 * x, packed, np.zeros(16, np.float32), dot="pmaddwd")  # scales 1
+        np.testing.assert_array_equal(y.T, 127 * q.astype(np.float32))
 
 
 @pytest.mark.parametrize("K,group", [(96, 64), (64, 0), (64, 7)])

@@ -20,14 +20,15 @@ def placeholder(shape, dtype="float32"):
 class Dense(nn.Module):
     """y = x·Wᵀ + b from a torch Linear or a QuantLinear (w8a8, w4a16, w4a8), the weights in the
     layout of the target's kernel: panels (CPU) or K×O (GPU, for DLight). `gpu`: False, "cuda"
-    or "opencl"; `int_dot`: the CPU's integer dot product for W8A8 ("pmaddwd", "sdot" or None;
-    CUDA W8A8 runs on dp4a)."""
+    or "opencl"; `int_dot`: the CPU's integer dot product for W8A8 and W4A8 ("pmaddwd", "sdot" or
+    None; CUDA W8A8 runs on dp4a)."""
 
     def __init__(self, linear, bias=None, gpu: str | bool = False, int_dot: str | None = None):
         self.gpu = gpu
-        w8a8 = isinstance(linear, QuantLinear) and linear.scheme.name == "w8a8"
-        dot = "dp4a" if gpu == "cuda" else None if gpu else int_dot
-        self.dot = qmatmul.dot_for(dot, linear.in_features) if w8a8 else None
+        scheme = linear.scheme if isinstance(linear, QuantLinear) else None
+        dot = None if scheme is None or scheme.name not in ("w8a8", "w4a8") else \
+            int_dot if not gpu else "dp4a" if gpu == "cuda" and scheme.name == "w8a8" else None
+        self.dot = qmatmul.dot_for(dot, linear.in_features, scheme.group if dot else None)
         if isinstance(linear, QuantLinear):
             self.scheme, self.group = linear.scheme.name, linear.scheme.group
             if self.scheme not in ("w8a8", "w4a16", "w4a8"):
@@ -84,7 +85,7 @@ class Dense(nn.Module):
         sx = op.zeros([1, 1], "float32")  # w4a16 keeps float activations: no scales
         if self.scheme != "w4a16":
             x2, sx = quantize(x2, M, self.in_features, False)
-        kernel = (qmatmul.dense_w8a8_dot(M, self.in_features, O, self.dot) if self.dot
+        kernel = (qmatmul.dense_dot(M, self.in_features, O, self.dot, self.group) if self.dot
                   else qmatmul.dense_quant(M, self.in_features, O, self.scheme, self.group))
         y = op.tensor_ir_op(kernel, f"dense_{self.scheme}", [x2, sx, self.wp, self.sw, self.b], placeholder([M, O]))
         if self.scheme != "w4a16":
