@@ -36,7 +36,7 @@ from compiler.errors import UserError, cli
 from compiler.fileio import ensure_writable_dir
 from device.artifact import write_manifest
 from device.runtime import SCHEMA, VERSION
-from schedules.attention import cache_row
+from schedules.attention import cache_len, cache_row
 import targets
 
 COMPILED_SCHEMES = ("fp32", "w8a8", "w4a16", "w4a8")
@@ -301,7 +301,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
             "plan": plan.to_json() if plan is not None else None,
             "plan_name": str(plan_path) if plan_path else None,
             "library": "model.so", "params": "params.npz", "param_names": list(params),
-            "kv_shape": [2, 2 * batch, var.cfg.heads, cache_row(var.cfg.seq_len, var.cfg.head_dim)],
+            "kv_shape": [2, 2 * batch, var.cfg.heads, cache_row(cache_len(var.cfg.patch_nums), var.cfg.head_dim)],
         }
         write_manifest(tmp, manifest)
         if out.exists():

@@ -8,22 +8,28 @@ One kernel covers the three cases of a plan:
 - ASC: under CFG the conditional half computes the softmax weights once; "map" applies them to
   both halves' values, "output" copies the conditional output to the unconditional half.
 
-Cache layout, per block: 2 × NB × H × (L·c + 16), keys transposed (K[b, h] is c × L) and values
-row-major (V[b, h] is L × c). Transposed keys let the CPU kernel compute the scores of 8
-consecutive keys as one vector, with no horizontal sums; the spare floats keep the last step
-of scores inside the row.
+Cache layout, per block: 2 × NB × H × (⌈L/16⌉·16·c), keys in panels of 16 (panel t holds keys
+16t … 16t+15, channel-major: c × 16) and values row-major (V[b, h] is L × c). Panels let the
+CPU kernel compute the scores of 16 consecutive keys as two vectors, with no horizontal sums,
+while reading one contiguous 4 KB block per step (keys transposed over all of L put every
+channel of a step in another cache line: one L1 miss per channel and step). Each scale starts
+at a panel boundary (scale_slots: d16's 680 tokens take 752 places), so a dense run of keys
+starts at a panel; a windowed run starts at the panel holding its first key, and the rows mask
+what lies before it.
 
-CPU: one parallel task per (batch, head, block of 4 query rows); the rows of a block keep
+CPU: one parallel task per (batch, head, block of 6 query rows); the rows of a block keep
 overlapping key runs, so the task computes their union once per key scale and masks each row
-to its own run. Scores come 16 keys × 4 rows per step (8 vector accumulators sharing each key
-load), then one softmax rescale per row and run, weights by a vectorised polynomial exp, and
-acc += p·V, 16 channels × 4 rows at a time, sharing each value load. GPU: one thread per row with a per-key online softmax (no
+to its own run. Scores come 16 keys × 6 rows per step (12 vector accumulators sharing each key
+load: 8 could not hide the FMA latency), then one softmax rescale per row and run, weights by a
+vectorised polynomial exp, and acc += p·V, 16 channels × 6 rows at a time, sharing each value
+load. GPU: one thread per row with a per-key online softmax (no
 score buffer in registers).
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -31,12 +37,31 @@ NEG_INF = -3.0e38
 KB = 8                # keys per score vector (AVX2: one register)
 KT = 2                # score vectors per step and query row
 STEP = KB * KT        # keys per step
-QB = 4                # query rows per task: QB × KT score vectors in registers share each key load
+QB = 6                # query rows per task: QB × KT score vectors in registers share each key load
 
 
 def cache_row(L: int, c: int) -> int:
-    """Floats per (k or v, batch, head) row of the cache: L·c and room for one step of scores."""
-    return L * c + STEP
+    """Floats per (k or v, batch, head) row of the cache: whole panels of STEP keys."""
+    return (L + STEP - 1) // STEP * STEP * c
+
+
+def scale_slots(patch_nums) -> np.ndarray:
+    """S×2 int32, the kernels' `geom` table: each scale's first place in the cache (a multiple of
+    STEP) and its token count."""
+    counts = np.array([p * p for p in patch_nums])
+    places = (counts + STEP - 1) // STEP * STEP
+    return np.stack([np.cumsum(places) - places, counts], 1).astype(np.int32)
+
+
+def cache_len(patch_nums) -> int:
+    """Places per (batch, head) in the cache: every scale's tokens, each scale padded to a panel."""
+    first, count = scale_slots(patch_nums)[-1]
+    return int(first + (count + STEP - 1) // STEP * STEP)
+
+
+def key_at(pos, cc, c: int):
+    """Offset of channel cc of key `pos` in a keys row of the cache (TIR or numpy integers)."""
+    return pos // STEP * (STEP * c) + cc * STEP + pos % STEP
 
 
 def key_run(i, n, nk, w):
@@ -62,19 +87,24 @@ def fast_exp(x):
     return p * two_n
 
 
-def cache_of(kv):
-    """numpy 2×NB×H×L×c keys and values → the cache layout above (tests, benchmarks)."""
-    import numpy as np
-    _, NB, H, L, c = kv.shape
+def cache_of(kv, patch_nums=None):
+    """numpy 2×NB×H×T×c keys and values of T tokens → the cache layout above, tokens at their
+    scale_slots places (tests, benchmarks); without patch_nums, token t at place t."""
+    _, NB, H, T_, c = kv.shape
+    place = np.arange(T_) if patch_nums is None else np.concatenate(
+        [first + np.arange(count) for first, count in scale_slots(patch_nums)])
+    L = T_ if patch_nums is None else cache_len(patch_nums)
     cache = np.zeros((2, NB, H, cache_row(L, c)), np.float32)
-    cache[0, :, :, :L * c] = kv[0].transpose(0, 1, 3, 2).reshape(NB, H, L * c)
-    cache[1, :, :, :L * c] = kv[1].reshape(NB, H, L * c)
+    pos, cc = np.meshgrid(place, np.arange(c), indexing="ij")
+    cache[0][:, :, key_at(pos, cc, c)] = kv[0]
+    for t, pl in enumerate(place):
+        cache[1, :, :, pl * c:(pl + 1) * c] = kv[1, :, :, t]
     return cache
 
 
 @lru_cache(maxsize=None)  # one parse per shape
 def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
-    """Write one scale's k, v (NB×H×n×c) at token `begin` of the cache, in place."""
+    """Write one scale's k, v (NB×H×n×c) at place `begin` of a cache of L places, in place."""
 
     @T.prim_func(private=True, s_tir=True)
     def write_kv(kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
@@ -84,7 +114,7 @@ def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
         for b, h, cc, i in T.grid(T.int64(NB), T.int64(H), T.int64(c), T.int64(n)):
             with T.sblock("write_k"):
                 vb, vh, vc, vi = T.axis.remap("SSSS", [b, h, cc, i])
-                kv[T.int64(0), vb, vh, vc * T.int64(L) + vi + T.int64(begin)] = k[vb, vh, vi, vc]
+                kv[T.int64(0), vb, vh, key_at(vi + T.int64(begin), vc, T.int64(c))] = k[vb, vh, vi, vc]
         for b, h, i, cc in T.grid(T.int64(NB), T.int64(H), T.int64(n), T.int64(c)):
             with T.sblock("write_v"):
                 vb, vh, vi, vc = T.axis.remap("SSSS", [b, h, i, cc])
@@ -95,10 +125,11 @@ def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
 
 def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
                        share: str | None = None, gpu: bool = False):
-    """out NB×H×n×c = softmax(q·kᵀ over kept keys)·v for query scale `qs`.
+    """out NB×H×n×c = softmax(q·kᵀ over kept keys)·v for query scale `qs`, on a cache of L places.
 
     Tables: win S×H×S int32 (window per query scale, head, key scale; −1 dense, 0 dropped) and
-    geom S×2 int32 (first token and token count of each scale). `share`: None, "map" or "output"."""
+    geom S×2 int32 (scale_slots: first place and token count of each scale). `share`: None, "map"
+    or "output"."""
     return (_attention_gpu if gpu else _attention_cpu)(NB, H, n, c, L, S, qs, share)
 
 
@@ -124,7 +155,7 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
             m = T.decl_buffer((QB,), "float32", scope="local")
             l = T.decl_buffer((QB,), "float32", scope="local")
             corr = T.decl_buffer((QB,), "float32", scope="local")
-            sc = T.decl_buffer((QB, L + STEP), "float32", scope="local")   # scores, then weights, of one run
+            sc = T.decl_buffer((QB, L + 2 * STEP), "float32", scope="local")   # scores, then weights, of one run
             s8 = T.decl_buffer((QB, KT, KB), "float32", scope="local")
             red = T.decl_buffer((KB,), "float32", scope="local")
             pv = T.decl_buffer((QB, cw), "float32", scope="local")
@@ -139,11 +170,14 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
             for ks in range(qs + 1):
                 w = win[qs, h, ks]
                 nk = geom[ks, 1]
-                # the block's rows keep overlapping runs (lo and hi grow with i): compute their union
-                lo = key_run(i0, n, nk, w)[0]
+                # the block's rows keep overlapping runs (lo and hi grow with i): compute their union,
+                # from the start of the panel that holds its first key (`skip` keys earlier)
+                run_lo = key_run(i0, n, nk, w)[0]
+                skip = (geom[ks, 0] + run_lo) % STEP
+                lo = run_lo - skip
                 cnt = key_run(T.min(i0 + QB - 1, n - 1), n, nk, w)[1] - lo
                 base = geom[ks, 0] + lo
-                if cnt > 0:
+                if cnt > skip:
                     # scores: QB rows × 16 keys per step, each key vector loaded once for all rows
                     for jb in range(steps(cnt, STEP)):
                         for r in T.unroll(QB):
@@ -155,7 +189,7 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                                 for t in T.unroll(KT):
                                     for u in T.vectorized(KB):
                                         s8[r, t, u] = s8[r, t, u] + q[b, h, T.min(i0 + r, n - 1), cc] * kv[
-                                            0, b, h, cc * L + base + jb * STEP + t * KB + u]
+                                            0, b, h, (base // STEP + jb) * (STEP * c) + cc * STEP + t * KB + u]
                         for r in T.unroll(QB):
                             for t in T.unroll(KT):
                                 for u in T.vectorized(KB):
@@ -186,13 +220,15 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                         m[r] = m_new
                         for cc in T.vectorized(c):
                             acc[r, cc] = acc[r, cc] * corr[r]
-                            acc_u[r, cc] = acc_u[r, cc] * corr[r]
+                        if share == "map":
+                            for cc in T.vectorized(c):
+                                acc_u[r, cc] = acc_u[r, cc] * corr[r]
                     # acc += p·V, cw channels at a time: each value vector loaded once for all rows
                     for ch in range(c // cw):
                         for r in T.unroll(QB):
                             for u in T.vectorized(cw):
                                 pv[r, u] = T.float32(0)
-                        for j in range(cnt):
+                        for j in range(skip, cnt):
                             for r in T.unroll(QB):
                                 for u in T.vectorized(cw):
                                     pv[r, u] = pv[r, u] + sc[r, j] * kv[1, b, h, (base + j) * c + ch * cw + u]
@@ -203,7 +239,7 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                             for r in T.unroll(QB):
                                 for u in T.vectorized(cw):
                                     pv[r, u] = T.float32(0)
-                            for j in range(cnt):
+                            for j in range(skip, cnt):
                                 for r in T.unroll(QB):
                                     for u in T.vectorized(cw):
                                         pv[r, u] = pv[r, u] + sc[r, j] * kv[1, b + half, h, (base + j) * c + ch * cw + u]
@@ -264,7 +300,7 @@ def _attention_gpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                         for j in range(lo, hi):
                             s[0] = T.float32(0)
                             for cc in range(c):
-                                s[0] = s[0] + q[b, h, i, cc] * kv[0, b, h, cc * L + beg + j]
+                                s[0] = s[0] + q[b, h, i, cc] * kv[0, b, h, key_at(beg + j, cc, c)]
                             m_new = T.max(m[0], s[0])
                             corr = T.exp(m[0] - m_new)
                             p = T.exp(s[0] - m_new)

@@ -220,14 +220,12 @@ def attention_engines(width: int, heads: int, pns) -> tuple[dict, dict]:
     """name → call, and name → kept fraction of (query, key) pairs."""
     NB, H, c = 2, heads, width // heads
     S, qs = len(pns), len(pns) - 1
-    n, L = pns[qs] ** 2, sum(p * p for p in pns)
+    n, T_, L = pns[qs] ** 2, sum(p * p for p in pns), attention.cache_len(pns)
     rng = np.random.default_rng(0)
     q = (rng.standard_normal((NB, H, n, c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
-    kv = (rng.standard_normal((2, NB, H, L, c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
-    ends = np.cumsum([p * p for p in pns])
-    geom = np.stack([ends - np.array(pns) ** 2, np.array(pns) ** 2], 1).astype(np.int32)
+    kv = (rng.standard_normal((2, NB, H, T_, c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
     out = tvm.runtime.empty((NB, H, n, c), "float32", tvm.cpu())
-    q_t, kv_t, geom_t = tensors(q, attention.cache_of(kv), geom)
+    q_t, kv_t, geom_t = tensors(q, attention.cache_of(kv, pns), attention.scale_slots(pns))
     engines, kept = {}, {}
     cases = [("dense", None, None)] + [(f"MDWA w={w}", w, None) for w in WINDOWS]
     cases += [(f"MDWA w={WINDOWS[1]} + ASC {s}", WINDOWS[1], s) for s in ("map", "output")]

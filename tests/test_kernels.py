@@ -185,22 +185,21 @@ def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c, gpu_variant, 
     has 9 queries, not a whole number of the CPU kernel's 4-row blocks."""
     pns = [1, 2, 3, 4]
     S, H, NB = 4, 3, 4
-    L = sum(p * p for p in pns)
+    L = attention.cache_len(pns)
     n = pns[qs] ** 2
     rng = np.random.default_rng(c)
     q = rng.standard_normal((NB, H, n, c)).astype(np.float32)
-    kv = rng.standard_normal((2, NB, H, L, c)).astype(np.float32)
+    kv = rng.standard_normal((2, NB, H, sum(p * p for p in pns), c)).astype(np.float32)
     win = -np.ones((S, H, S), np.int32)
     win[qs, 0] = [-1, 1, 2, 1]     # bands, the widest at the edges of the scale
     win[qs, 1] = [0, -1, 1, 0]     # dropped key scales
     win[qs, 2] = [-1, -1, -1, 16]  # a window wider than the scale: dense
-    ends = np.cumsum([p * p for p in pns])
-    geom = np.stack([ends - np.array(pns) ** 2, np.array(pns) ** 2], 1).astype(np.int32)
+    geom = attention.scale_slots(pns)
     if gpu_variant:
         func = attention._attention_gpu(NB, H, n, c, L, S, qs, share, bound=False)
     else:
         func = attention.windowed_attention(NB, H, n, c, L, S, qs, share)
-    (out,) = run(func, q, attention.cache_of(kv), win, geom, out=[((NB, H, n, c), "float32")])
+    (out,) = run(func, q, attention.cache_of(kv, pns), win, geom, out=[((NB, H, n, c), "float32")])
     np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
 
 
