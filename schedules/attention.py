@@ -8,22 +8,21 @@ One kernel covers the three cases of a plan:
 - ASC: under CFG the conditional half computes the softmax weights once; "map" applies them to
   both halves' values, "output" copies the conditional output to the unconditional half.
 
-Cache layout, per block: 2 × NB × H × (⌈L/16⌉·16·c), keys in panels of 16 (panel t holds keys
-16t … 16t+15, channel-major: c × 16) and values row-major (V[b, h] is L × c). Panels let the
-CPU kernel compute the scores of 16 consecutive keys as two vectors, with no horizontal sums,
-while reading one contiguous 4 KB block per step (keys transposed over all of L put every
+Cache layout, per block: 2 × NB × H × (⌈L/8⌉·8·c) for L places, keys in panels of 8 (panel t
+holds keys 8t … 8t+7, channel-major: c × 8) and values row-major (V[b, h] is L × c). Panels let
+the CPU kernel compute the scores of 16 consecutive keys as two vectors, with no horizontal
+sums, while reading one contiguous 4 KB block per step (keys transposed over all of L put every
 channel of a step in another cache line: one L1 miss per channel and step). Each scale starts
-at a panel boundary (scale_slots: d16's 680 tokens take 752 places), so a dense run of keys
-starts at a panel; a windowed run starts at the panel holding its first key, and the rows mask
-what lies before it.
+at a panel boundary (scale_slots: d16's 680 tokens take 720 places), so a dense run of keys
+starts at a panel; a windowed run starts at the panel holding its first key, the rows mask the
+keys before it, and its last step is 8 keys when that covers the run.
 
 CPU: one parallel task per (batch, head, block of 6 query rows); the rows of a block keep
 overlapping key runs, so the task computes their union once per key scale and masks each row
 to its own run. Scores come 16 keys × 6 rows per step (12 vector accumulators sharing each key
 load: 8 could not hide the FMA latency), then one softmax rescale per row and run, weights by a
 vectorised polynomial exp, and acc += p·V, 16 channels × 6 rows at a time, sharing each value
-load. GPU: one thread per row with a per-key online softmax (no
-score buffer in registers).
+load. GPU: one thread per row with a per-key online softmax (no score buffer in registers).
 """
 from __future__ import annotations
 
@@ -41,27 +40,27 @@ QB = 6                # query rows per task: QB × KT score vectors in registers
 
 
 def cache_row(L: int, c: int) -> int:
-    """Floats per (k or v, batch, head) row of the cache: whole panels of STEP keys."""
-    return (L + STEP - 1) // STEP * STEP * c
+    """Floats per (k or v, batch, head) row of the cache: whole panels of KB keys."""
+    return (L + KB - 1) // KB * KB * c
 
 
 def scale_slots(patch_nums) -> np.ndarray:
     """S×2 int32, the kernels' `geom` table: each scale's first place in the cache (a multiple of
-    STEP) and its token count."""
+    KB) and its token count."""
     counts = np.array([p * p for p in patch_nums])
-    places = (counts + STEP - 1) // STEP * STEP
+    places = (counts + KB - 1) // KB * KB
     return np.stack([np.cumsum(places) - places, counts], 1).astype(np.int32)
 
 
 def cache_len(patch_nums) -> int:
     """Places per (batch, head) in the cache: every scale's tokens, each scale padded to a panel."""
     first, count = scale_slots(patch_nums)[-1]
-    return int(first + (count + STEP - 1) // STEP * STEP)
+    return int(first + (count + KB - 1) // KB * KB)
 
 
 def key_at(pos, cc, c: int):
     """Offset of channel cc of key `pos` in a keys row of the cache (TIR or numpy integers)."""
-    return pos // STEP * (STEP * c) + cc * STEP + pos % STEP
+    return pos // KB * (KB * c) + cc * KB + pos % KB
 
 
 def key_run(i, n, nk, w):
@@ -141,6 +140,25 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
     cw = 2 * lanes if c % (2 * lanes) == 0 else lanes   # channels per p·V pass: QB × cw/8 accumulators
     steps = lambda cnt, size: (cnt + size - 1) // size  # noqa: E731
 
+    @T.macro
+    def score_step(q, kv, sc, s8, b, h, i0, key, at, nv):
+        """Scores of QB rows against nv vectors of KB keys from cache place `key` (the start of a
+        panel), stored at sc[:, at:]: each key vector loaded once for all rows."""
+        for r in T.unroll(QB):
+            for t in T.unroll(nv):
+                for u in T.vectorized(KB):
+                    s8[r, t, u] = T.float32(0)
+        for cc in range(c):
+            for r in T.unroll(QB):
+                for t in T.unroll(nv):
+                    for u in T.vectorized(KB):
+                        s8[r, t, u] = s8[r, t, u] + q[b, h, T.min(i0 + r, n - 1), cc] * kv[
+                            0, b, h, (key // KB + t) * (KB * c) + cc * KB + u]
+        for r in T.unroll(QB):
+            for t in T.unroll(nv):
+                for u in T.vectorized(KB):
+                    sc[r, at + t * KB + u] = s8[r, t, u]
+
     @T.prim_func(private=True)
     def attention(q: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
                   kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
@@ -173,27 +191,17 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                 # the block's rows keep overlapping runs (lo and hi grow with i): compute their union,
                 # from the start of the panel that holds its first key (`skip` keys earlier)
                 run_lo = key_run(i0, n, nk, w)[0]
-                skip = (geom[ks, 0] + run_lo) % STEP
+                skip = (geom[ks, 0] + run_lo) % KB
                 lo = run_lo - skip
                 cnt = key_run(T.min(i0 + QB - 1, n - 1), n, nk, w)[1] - lo
                 base = geom[ks, 0] + lo
                 if cnt > skip:
-                    # scores: QB rows × 16 keys per step, each key vector loaded once for all rows
-                    for jb in range(steps(cnt, STEP)):
-                        for r in T.unroll(QB):
-                            for t in T.unroll(KT):
-                                for u in T.vectorized(KB):
-                                    s8[r, t, u] = T.float32(0)
-                        for cc in range(c):
-                            for r in T.unroll(QB):
-                                for t in T.unroll(KT):
-                                    for u in T.vectorized(KB):
-                                        s8[r, t, u] = s8[r, t, u] + q[b, h, T.min(i0 + r, n - 1), cc] * kv[
-                                            0, b, h, (base // STEP + jb) * (STEP * c) + cc * STEP + t * KB + u]
-                        for r in T.unroll(QB):
-                            for t in T.unroll(KT):
-                                for u in T.vectorized(KB):
-                                    sc[r, jb * STEP + t * KB + u] = s8[r, t, u]
+                    # scores: QB rows × 16 keys per step (the last step 8 if that covers the run)
+                    nv = steps(cnt, KB)
+                    for jb in range(nv // KT):
+                        score_step(q, kv, sc, s8, b, h, i0, base + jb * STEP, jb * STEP, KT)
+                    if nv % KT != 0:
+                        score_step(q, kv, sc, s8, b, h, i0, base + (nv - 1) * KB, (nv - 1) * KB, 1)
                     # per row: its own run inside the union, the online-softmax rescale, the weights
                     for r in range(QB):
                         row_lo, row_hi = key_run(T.min(i0 + r, n - 1), n, nk, w)
