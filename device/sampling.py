@@ -6,6 +6,9 @@ own (PCG64 seeded with --seed), so sampled tokens differ from PyTorch's while gr
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 
@@ -56,6 +59,9 @@ def keep_mask(logits: np.ndarray, top_k: int = 0, top_p: float = 0.0) -> np.ndar
     return keep
 
 
+PARALLEL_ROWS = 64   # from this many tokens on, the rows are split between the cores
+
+
 def sample_tokens(logits: np.ndarray, top_k: int, top_p: float, rng: np.random.Generator) -> np.ndarray:
     """logits …×V → token ids … (int64). top_k 1 is greedy and draws no random number.
 
@@ -64,19 +70,49 @@ def sample_tokens(logits: np.ndarray, top_k: int, top_p: float, rng: np.random.G
     cumulative sum, and finally the token holding the drawn value. The passes over the whole
     vocabulary of keep_mask cost ~60 µs a token here, more than the compiled transformer at
     the last scales. Same filtering as keep_mask; exact ties in value resolve to the first
-    token holding it."""
+    token holding it. Large scales are split into row blocks drawn on all cores (numpy's
+    sorts and sums release the GIL, and the kernels' threads are idle between scales); the
+    uniform numbers are drawn first, in row order, so the tokens do not depend on the split."""
     if top_k == 1:
         return logits.argmax(axis=-1).astype(np.int64)
     *lead, V = logits.shape
     x = logits.reshape(-1, V)
     k = top_k if 0 < top_k < V else V
+    u = rng.random((len(x), 1))
+    blocks = min(len(x) // PARALLEL_ROWS, _cores())
+    if blocks > 1:
+        cuts = np.linspace(0, len(x), blocks + 1).astype(int)
+        parts = _pool().map(lambda a, b: _draw(x[a:b], u[a:b], k, top_p), cuts[:-1], cuts[1:])
+        tokens = np.concatenate(list(parts))
+    else:
+        tokens = _draw(x, u, k, top_p)
+    return tokens.reshape(lead)
+
+
+def _draw(x: np.ndarray, u: np.ndarray, k: int, top_p: float) -> np.ndarray:
+    """One token per row of x (rows × V) from its top-k / top-p nucleus, at quantile u (rows × 1)."""
+    V = x.shape[1]
     vals = np.sort(np.partition(x, V - k, axis=-1)[:, V - k:] if k < V else x, axis=-1)   # ascending
     cdf = np.cumsum(np.exp(vals - vals[:, -1:]).astype(np.float64), axis=-1)   # 2× faster than dtype=
     first = np.zeros((len(x), 1), np.int64)                             # first value of the nucleus
     if top_p > 0:
         first = np.minimum((cdf <= (1 - top_p) * cdf[:, -1:]).sum(axis=-1, keepdims=True), k - 1)
     below = np.where(first > 0, np.take_along_axis(cdf, np.maximum(first - 1, 0), axis=-1), 0.0)
-    u = below + rng.random((len(x), 1)) * (cdf[:, -1:] - below)
+    u = below + u * (cdf[:, -1:] - below)
     pos = np.minimum((cdf <= u).sum(axis=-1, keepdims=True), k - 1)     # first value whose cdf exceeds u
     drawn = np.take_along_axis(vals, pos, axis=-1)
-    return (x == drawn).argmax(axis=-1).reshape(lead).astype(np.int64)
+    return (x == drawn).argmax(axis=-1).astype(np.int64)
+
+
+_POOL = None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="sample")
+    return _POOL

@@ -46,6 +46,16 @@ def test_greedy_is_argmax_and_sampling_follows_the_distribution():
     assert np.array_equal(a, sample_tokens(np.repeat(logits, 50, axis=1), 0, 0.9, make_rng(5)))
 
 
+def test_sampling_split_between_cores_gives_the_same_tokens(monkeypatch):
+    """Large scales are drawn in row blocks on all cores: the same tokens as in one block."""
+    import device.sampling as sampling
+    logits = np.random.default_rng(3).standard_normal((2, 300, 64)).astype(np.float32) * 3
+    monkeypatch.setattr(sampling, "_cores", lambda: 3)
+    split = sample_tokens(logits, 40, 0.9, make_rng(7))
+    monkeypatch.setattr(sampling, "PARALLEL_ROWS", 10 ** 9)
+    assert np.array_equal(split, sample_tokens(logits, 40, 0.9, make_rng(7)))
+
+
 @pytest.mark.parametrize("top_k, top_p", [(7, 0.0), (7, 0.8), (40, 0.95)])
 def test_top_k_sampling_draws_from_the_filtered_distribution(top_k, top_p):
     """sample_tokens selects the k candidates first: its draws follow softmax(filter_logits)."""
