@@ -92,8 +92,10 @@ def sample_tokens(logits: np.ndarray, top_k: int, top_p: float, rng: np.random.G
 def _draw(x: np.ndarray, u: np.ndarray, k: int, top_p: float) -> np.ndarray:
     """One token per row of x (rows × V) from its top-k / top-p nucleus, at quantile u (rows × 1)."""
     V = x.shape[1]
-    vals = np.sort(np.partition(x, V - k, axis=-1)[:, V - k:] if k < V else x, axis=-1)   # ascending
-    cdf = np.cumsum(np.exp(vals - vals[:, -1:]).astype(np.float64), axis=-1)   # 2× faster than dtype=
+    # ascending; sorting everything beats partition + sort when most values are kept
+    vals = np.sort(x, axis=-1)[:, V - k:] if 2 * k > V else np.sort(np.partition(x, V - k, axis=-1)[:, V - k:], axis=-1)
+    # float32, like the reference's softmax().cumsum_() (float64 took 3× as long here)
+    cdf = np.cumsum(np.exp(vals - vals[:, -1:]), axis=-1)
     first = np.zeros((len(x), 1), np.int64)                             # first value of the nucleus
     if top_p > 0:
         first = np.minimum((cdf <= (1 - top_p) * cdf[:, -1:]).sum(axis=-1, keepdims=True), k - 1)
