@@ -86,8 +86,10 @@ def fast_tanh(x):
     return x * p / q
 
 
-def gelu_tanh(x):
-    """GELU, tanh form (as the reference's F.gelu(approximate="tanh")), on fast_tanh."""
+def gelu_tanh_lanes(x):
+    """GELU, tanh form (as the reference's F.gelu(approximate="tanh")), on fast_tanh: a TIR
+    expression for the fp32 kernel's epilogue (compiler/lower/layers.py: gelu_tanh is the Relax
+    graph's)."""
     inner = (x * x * x * tirx.const(0.044715, "float32") + x) * tirx.const(math.sqrt(2 / math.pi), "float32")
     return x * tirx.const(0.5, "float32") * (fast_tanh(inner) + tirx.const(1.0, "float32"))
 
@@ -97,7 +99,7 @@ def dense_fp32(M: int, K: int, O: int, gelu: bool = False):
     """x M×K, wp (packed), b O → y M×O (float32); with `gelu`, GELU(x·Wᵀ + b) (ffn.fc1), computed
     on the tile while it is in cache instead of in a pass of its own over M×O."""
     P, L = O // LANES, LANES
-    act = gelu_tanh if gelu else (lambda v: v)
+    act = gelu_tanh_lanes if gelu else (lambda v: v)
 
     @T.prim_func(private=True, s_tir=True)
     def dense(x: T.Buffer((T.int64(M), T.int64(K)), "float32"),
