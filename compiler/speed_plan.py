@@ -7,7 +7,8 @@ attention structure for compiler.calibrate to find, yet the compiled plan's cost
 on which pairs and layers it keeps. This plan keeps what a calibrated LiteVAR plan typically
 keeps: query scales 0–4 dense; from scale 5 on, key scales 0–2 dense and a band of `--window`
 on the others; ASC from scale 6; every linear layer W8A8 but ffn.fc2 (the paper's protected
-layer). Its images mean nothing; its FLOPs and timings are those of such a plan.
+layer; `--fc2 w8a8` quantizes it too, to measure what that protection costs). Its images mean
+nothing; its FLOPs and timings are those of such a plan.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ DENSE_KEY_SCALES = 3
 ASC_FROM = 6
 
 
-def speed_plan(cfg, window: int, asc_mode: str = "output", quant: str = "w8a8") -> Plan:
+def speed_plan(cfg, window: int, asc_mode: str = "output", quant: str = "w8a8", fc2: str = "fp32") -> Plan:
     plan = Plan.empty(cfg)
     S = len(cfg.patch_nums)
     per_head = [[None] * (q + 1) if q < DENSE_QUERY_SCALES else
@@ -31,8 +32,9 @@ def speed_plan(cfg, window: int, asc_mode: str = "output", quant: str = "w8a8") 
     plan.asc_share = [[s >= ASC_FROM for s in range(S)] for _ in range(cfg.depth)]
     plan.asc_mode = asc_mode
     for name in linear_layer_names(cfg):
-        if quant != "fp32" and not name.endswith("ffn.fc2"):
-            plan.quant_layers[name] = {"scheme": quant, "group": None}
+        scheme = fc2 if name.endswith("ffn.fc2") else quant
+        if scheme != "fp32":
+            plan.quant_layers[name] = {"scheme": scheme, "group": None}
     plan.calibration = {"note": "uniform speed-test plan (compiler.speed_plan), not calibrated",
                         "window": window}
     return plan
@@ -45,12 +47,14 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=16, help="band half-width on the fine key scales (default 16)")
     ap.add_argument("--asc-mode", choices=("map", "output"), default="output")
     ap.add_argument("--quant", choices=("fp32", "w8a8"), default="w8a8", help="all layers but ffn.fc2")
+    ap.add_argument("--fc2", choices=("fp32", "w8a8"), default="fp32",
+                    help="ffn.fc2, which LiteVAR keeps in 16 bit (default fp32)")
     ap.add_argument("--out", required=True, help="plan file to write")
     args = ap.parse_args(argv)
     if args.window < 1:
         raise UserError(f"--window must be at least 1, got {args.window}")
     var, _ = load_reference(args.model)
-    speed_plan(var.cfg, args.window, args.asc_mode, args.quant).save(args.out)
+    speed_plan(var.cfg, args.window, args.asc_mode, args.quant, args.fc2).save(args.out)
     print(f"wrote {args.out}")
 
 

@@ -61,6 +61,9 @@ def test_speed_plan_keeps_coarse_scales_dense_and_protects_fc2(tmp_path):
     assert kept_pairs(last, pns, len(pns) - 1) < sum(p * p for p in pns) * pns[-1] ** 2
     assert plan.asc_share[0][6] and not plan.asc_share[0][5]
     assert "blocks.0.ffn.fc2" not in plan.quant_layers and plan.quant_layers["blocks.0.ffn.fc1"]["scheme"] == "w8a8"
+    r = run_cli("compiler.speed_plan", "--model", "demo", "--fc2", "w8a8", "--out", tmp_path / "all.json")
+    assert r.returncode == 0, r.stderr
+    assert load_plan(tmp_path / "all.json").quant_layers["blocks.3.ffn.fc2"]["scheme"] == "w8a8"
 
 
 def test_host_bench_names_an_unknown_engine(tmp_path):
