@@ -39,23 +39,27 @@ STEP = KB * KT        # keys per step
 QB = 6                # query rows per task: QB × KT score vectors in registers share each key load
 
 
+def whole_panels(count):
+    """Places that `count` keys take, rounded up to whole panels of KB."""
+    return (count + KB - 1) // KB * KB
+
+
 def cache_row(L: int, c: int) -> int:
     """Floats per (k or v, batch, head) row of the cache: whole panels of KB keys."""
-    return (L + KB - 1) // KB * KB * c
+    return whole_panels(L) * c
 
 
 def scale_slots(patch_nums) -> np.ndarray:
     """S×2 int32, the kernels' `geom` table: each scale's first place in the cache (a multiple of
     KB) and its token count."""
     counts = np.array([p * p for p in patch_nums])
-    places = (counts + KB - 1) // KB * KB
+    places = whole_panels(counts)
     return np.stack([np.cumsum(places) - places, counts], 1).astype(np.int32)
 
 
 def cache_len(patch_nums) -> int:
     """Places per (batch, head) in the cache: every scale's tokens, each scale padded to a panel."""
-    first, count = scale_slots(patch_nums)[-1]
-    return int(first + (count + KB - 1) // KB * KB)
+    return int(sum(whole_panels(p * p) for p in patch_nums))
 
 
 def key_at(pos, cc, c: int):
@@ -96,8 +100,7 @@ def cache_of(kv, patch_nums=None):
     cache = np.zeros((2, NB, H, cache_row(L, c)), np.float32)
     pos, cc = np.meshgrid(place, np.arange(c), indexing="ij")
     cache[0][:, :, key_at(pos, cc, c)] = kv[0]
-    for t, pl in enumerate(place):
-        cache[1, :, :, pl * c:(pl + 1) * c] = kv[1, :, :, t]
+    cache[1][:, :, (place[:, None] * c + np.arange(c)).ravel()] = kv[1].reshape(NB, H, -1)
     return cache
 
 

@@ -26,8 +26,12 @@ class Dense(nn.Module):
     def __init__(self, linear, bias=None, gpu: str | bool = False, int_dot: str | None = None):
         self.gpu = gpu
         scheme = linear.scheme if isinstance(linear, QuantLinear) else None
-        dot = None if scheme is None or scheme.name not in ("w8a8", "w4a8") else \
-            int_dot if not gpu else "dp4a" if gpu == "cuda" and scheme.name == "w8a8" else None
+        if scheme is None or scheme.name not in ("w8a8", "w4a8"):
+            dot = None
+        elif not gpu:
+            dot = int_dot                   # CPUs: W8A8 and W4A8 on the integer dot product
+        else:
+            dot = "dp4a" if gpu == "cuda" and scheme.name == "w8a8" else None
         self.dot = qmatmul.dot_for(dot, linear.in_features, scheme.group if dot else None)
         if isinstance(linear, QuantLinear):
             self.scheme, self.group = linear.scheme.name, linear.scheme.group
