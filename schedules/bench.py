@@ -171,14 +171,9 @@ def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
     x_t, none = tensors(x, np.zeros((1, 1), np.float32))
     for scheme in (W8A8(), W4A16(group), W4A8(group)):
         packed = {k: v.numpy() for k, v in scheme.pack(torch.from_numpy(w)).items()}
-        dot = qmatmul.dot_for(targets.load("host").int_dot, K, scheme.group) if scheme.name != "w4a16" else None
-        if scheme.name == "w8a8":
-            wp, ws = (qmatmul.pack_int8_dot(packed["qweight"], dot) if dot else matmul.pack_weight(packed["qweight"]),
-                      packed["scales"])
-        else:
-            wp, ws = qmatmul.pack_int4(packed["qweight"], packed["scales"])
-        kernel = compile_kernel(qmatmul.dense_dot(M, K, O, dot, scheme.group) if dot   # what compiler.build uses here
-                                else qmatmul.dense_quant(M, K, O, scheme.name, scheme.group))
+        dot = qmatmul.cpu_dot(targets.load("host").int_dot, scheme.name, K, scheme.group)  # as compiler.build here
+        wp, ws = qmatmul.pack_cpu(scheme.name, packed["qweight"], packed["scales"], dot)
+        kernel = compile_kernel(qmatmul.cpu_kernel(M, K, O, scheme.name, scheme.group, dot))
         wargs = tensors(wp, ws, b)
         if scheme.name == "w4a16":
             engines[f"tvm {scheme.name}"] = lambda k=kernel, a=wargs: k(x_t, none, *a, y)

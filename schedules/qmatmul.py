@@ -26,7 +26,7 @@ from tvm import te
 from tvm.script import tirx as T
 
 from compiler.errors import UserError
-from schedules.matmul import LANES, row_tile
+from schedules.matmul import LANES, pack_weight, row_tile
 from schedules.packing import pack_dp4a  # noqa: F401  (re-exported: numpy-only, see schedules/packing.py)
 
 
@@ -168,6 +168,24 @@ def dot_for(dot: str | None, K: int, group: int | None = None) -> str | None:
         return None
     d = DOT_WIDTH[dot]
     return dot if K % d == 0 and (group is None or group % d == 0) else None
+
+
+def cpu_dot(int_dot: str | None, scheme: str, K: int, group: int | None = None) -> str | None:
+    """The integer dot product a CPU layer of `scheme` runs on: W8A8 and W4A8 where dot_for
+    allows it, else None (dense_quant)."""
+    return dot_for(int_dot, K, group) if scheme in ("w8a8", "w4a8") else None
+
+
+def pack_cpu(scheme: str, qweight: np.ndarray, scales: np.ndarray, dot: str | None):
+    """The simulation's packed weights → (weights, scales) in the layout of cpu_kernel's kernel."""
+    if scheme == "w8a8":
+        return (pack_int8_dot(qweight, dot) if dot else pack_weight(qweight)), scales
+    return pack_int4(qweight, scales)
+
+
+def cpu_kernel(M: int, K: int, O: int, scheme: str, group: int | None, dot: str | None):
+    """The CPU kernel of a quantized layer, on `dot` (cpu_dot) or on FMAs."""
+    return dense_dot(M, K, O, dot, group) if dot else dense_quant(M, K, O, scheme, group)
 
 
 def pack_int8_dot(qweight: np.ndarray, dot: str) -> np.ndarray:

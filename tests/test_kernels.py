@@ -69,12 +69,7 @@ def run_quantized(scheme, x, packed, b, dot=None):
     `dot`: the W8A8 or W4A8 kernel on that integer dot product."""
     M, K = x.shape
     O = b.shape[0]
-    if dot and scheme.name == "w8a8":
-        w, ws = qmatmul.pack_int8_dot(packed["qweight"].numpy(), dot), packed["scales"].numpy()
-    elif scheme.name == "w8a8":
-        w, ws = matmul.pack_weight(packed["qweight"].numpy()), packed["scales"].numpy()
-    else:
-        w, ws = qmatmul.pack_int4(packed["qweight"].numpy(), packed["scales"].numpy())
+    w, ws = qmatmul.pack_cpu(scheme.name, packed["qweight"].numpy(), packed["scales"].numpy(), dot)
     if scheme.name == "w4a16":
         xk, sx = x, np.zeros((1, 1), np.float32)
     else:
@@ -82,8 +77,7 @@ def run_quantized(scheme, x, packed, b, dot=None):
         ref_q, ref_s = quantize_per_token_int8(torch.from_numpy(x))
         np.testing.assert_array_equal(xk, ref_q.numpy())
         np.testing.assert_array_equal(sx, ref_s.numpy())
-    kernel = (qmatmul.dense_dot(M, K, O, dot, scheme.group) if dot
-              else qmatmul.dense_quant(M, K, O, scheme.name, scheme.group))
+    kernel = qmatmul.cpu_kernel(M, K, O, scheme.name, scheme.group, dot)
     (y,) = run(kernel, xk, sx, w, ws, b,
                out=[((M, O), "float32")])
     return y if scheme.name == "w4a16" else y + b  # the bias is the caller's for integer kernels

@@ -26,34 +26,29 @@ class Dense(nn.Module):
     def __init__(self, linear, bias=None, gpu: str | bool = False, int_dot: str | None = None):
         self.gpu = gpu
         scheme = linear.scheme if isinstance(linear, QuantLinear) else None
-        if scheme is None or scheme.name not in ("w8a8", "w4a8"):
-            dot = None
-        elif not gpu:
-            dot = int_dot                   # CPUs: W8A8 and W4A8 on the integer dot product
+        if gpu:   # CUDA W8A8 on dp4a; other GPU layers are Relax matmuls
+            cuda_w8a8 = gpu == "cuda" and scheme is not None and scheme.name == "w8a8"
+            self.dot = qmatmul.dot_for("dp4a" if cuda_w8a8 else None, linear.in_features)
         else:
-            dot = "dp4a" if gpu == "cuda" and scheme.name == "w8a8" else None
-        self.dot = qmatmul.dot_for(dot, linear.in_features, scheme.group if dot else None)
+            self.dot = qmatmul.cpu_dot(int_dot, scheme.name if scheme else "fp32", linear.in_features,
+                                       scheme.group if scheme else None)
         if isinstance(linear, QuantLinear):
             self.scheme, self.group = linear.scheme.name, linear.scheme.group
             if self.scheme not in ("w8a8", "w4a16", "w4a8"):
                 raise UserError(f"scheme {self.scheme} is simulation-only and has no compiled kernel")
-            if self.scheme == "w8a8":
+            if not gpu:
+                wq, ws = qmatmul.pack_cpu(self.scheme, linear.qweight.numpy(), linear.scales.numpy(), self.dot)
+            elif self.scheme == "w8a8":
                 q = linear.qweight.numpy()
-                if self.dot == "dp4a":
-                    q = qmatmul.pack_dp4a(q)
-                elif self.dot:
-                    q = qmatmul.pack_int8_dot(q, self.dot)
-                else:
-                    q = matmul.pack_weight(q, gpu)
-                self.wp = param(q)
-                self.sw = param(linear.scales.float())
+                wq = qmatmul.pack_dp4a(q) if self.dot == "dp4a" else matmul.pack_weight(q, gpu)
+                ws = linear.scales.float().numpy()
             else:
                 scales = linear.scales
                 if gpu == "opencl":   # fp16 is optional in OpenCL: float32 holds the float16 scales exactly
                     assert self.scheme != "w4a8", "compiler.build.check_plan_fits refuses w4a8 on OpenCL"
                     scales = scales.float()
-                wq, ws = qmatmul.pack_int4(linear.qweight.numpy(), scales.numpy(), bool(gpu))
-                self.wp, self.sw = param(wq), param(ws)
+                wq, ws = qmatmul.pack_int4(linear.qweight.numpy(), scales.numpy(), True)
+            self.wp, self.sw = param(wq), param(ws)
             O, K = linear.out_features, linear.in_features
         else:
             self.scheme, self.group = "fp32", None
@@ -89,8 +84,7 @@ class Dense(nn.Module):
         sx = op.zeros([1, 1], "float32")  # w4a16 keeps float activations: no scales
         if self.scheme != "w4a16":
             x2, sx = quantize(x2, M, self.in_features, False)
-        kernel = (qmatmul.dense_dot(M, self.in_features, O, self.dot, self.group) if self.dot
-                  else qmatmul.dense_quant(M, self.in_features, O, self.scheme, self.group))
+        kernel = qmatmul.cpu_kernel(M, self.in_features, O, self.scheme, self.group, self.dot)
         y = op.tensor_ir_op(kernel, f"dense_{self.scheme}", [x2, sx, self.wp, self.sw, self.b], placeholder([M, O]))
         if self.scheme != "w4a16":
             y = op.add(y, self.b)
