@@ -7,13 +7,13 @@ independent matrix products, Co×Ci times Ci×tiles: 36 multiply-adds per tile a
 instead of the direct convolution's 144, 4× less arithmetic. The VQVAE decoder spends nearly
 all of its time in 3×3 convolutions.
 
-Parallel passes, each simple to vectorise (lanes run over L tiles, or over the mi channels
+Parallel passes, each simple to vectorise (lanes run over L tiles, or over the 6 channels
 of a filter tile):
     zero padding      x → xp, each row split by column phase (4·j + k at [k, j])
-    filter transform  w (schedules.conv.pack_weight) → U  36 × Co/mi × Ci × mi
+    filter transform  w (schedules.conv.pack_weight) → U  36 × ⌈Co/6⌉ × Ci × 6 (zeros past Co)
     for each band of tiles (so that V and M stay in the caches):
         input transform   xp                        → V  36 × tiles × Ci
-        matrix products   U, V                      → M  36 × tiles × Co  (register tile mi × L)
+        matrix products   U, V                      → M  36 × tiles × Co  (register tile 6 channels × L)
         output transform  M                         → y  plus the bias, 4×4 pixels per tile
 The matrices are Lavin & Gray's (arXiv 1509.09308, interpolation points 0, ±1, ±2, ∞), written
 out as sums because most of their entries are 0 or ±1.
@@ -27,6 +27,7 @@ from tvm.script import tirx as T
 from schedules.conv import channel_tile
 
 MIN_PIXELS = 16 * 16
+PT = 6                 # output channels per product tile: 6×2 accumulators hide the FMA latency
 BAND_BYTES = 2 << 20   # V and M of one band of tiles: small enough to stay in the caches
 
 
@@ -58,8 +59,13 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     NV = TH * TW // L                           # tile vectors per image
     BV = max(g for g in range(1, NV + 1) if NV % g == 0 and (g == 1 or 36 * (Ci + Co) * g * L * 4 <= BAND_BYTES))
     Hp = H + 2
-    mi = channel_tile(Co)
-    nt = Co // mi
+    mi = channel_tile(Co)        # the packed weights' channel tile
+    ntp = (Co + PT - 1) // PT    # product tiles; U and M padded with zero channels up to ntp·PT
+
+    def tap(w, ot, oi, c, r, s):
+        """Filter tap (r, s) of input channel c for output channel ot·PT + oi; 0 past Co."""
+        o = T.min(ot * PT + oi, Co - 1)
+        return T.Select(ot * PT + oi < Co, w[o // mi, c, r, s, o % mi], T.float32(0))
     i64 = T.int64
     Wq = W // 4 + 1   # padded columns by phase: xp[…, i, k, j] is padded column 4·j + k
     if TW % L == 0:   # the L tiles of a vector share a tile row: contiguous loads, no per-lane division
@@ -80,14 +86,14 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
 
     @T.prim_func(private=True)
     def wino(x: T.Buffer((i64(B), i64(Ci), i64(H), i64(W)), "float32"),
-             w: T.Buffer((i64(nt), i64(Ci), i64(3), i64(3), i64(mi)), "float32"),
+             w: T.Buffer((i64(Co // mi), i64(Ci), i64(3), i64(3), i64(mi)), "float32"),
              b: T.Buffer((i64(Co),), "float32"),
              y: T.Buffer((i64(B), i64(Co), i64(H), i64(W)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         xp = T.decl_buffer((B, Ci, Hp, 4, Wq), "float32")
-        u = T.decl_buffer((36, nt, Ci, mi), "float32")
+        u = T.decl_buffer((36, ntp, Ci, PT), "float32")
         V = T.decl_buffer((36, BV, Ci, L), "float32")
-        M = T.decl_buffer((36, BV, Co, L), "float32")
+        M = T.decl_buffer((36, BV, ntp * PT, L), "float32")
         # Zero-padded and split by column phase (column 4·j + k at [k, j]), so that the input
         # transform reads the same patch entry of consecutive tiles as one contiguous vector.
         for nc in T.parallel(B * Ci):
@@ -99,21 +105,21 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                             x[nc // Ci, nc % Ci, T.min(T.max(i - 1, 0), H - 1), T.min(T.max(4 * j + k - 1, 0), W - 1)],
                             T.float32(0))
         # Filter transform U = G·g·Gᵀ, here rather than at build time: the weights keep their size.
-        for ot in T.parallel(nt):
-            gt = T.decl_buffer((6, 3, mi), "float32", scope="local")
+        for ot in T.parallel(ntp):
+            gt = T.decl_buffer((6, 3, PT), "float32", scope="local")
             for c in range(Ci):
                 for s in T.unroll(3):  # gt = G·g, down the columns
-                    for oi in T.vectorized(mi):
-                        gt[0, s, oi] = w[ot, c, 0, s, oi] * T.float32(1 / 4)
-                        gt[1, s, oi] = (w[ot, c, 0, s, oi] + w[ot, c, 1, s, oi] + w[ot, c, 2, s, oi]) * T.float32(-1 / 6)
-                        gt[2, s, oi] = (w[ot, c, 0, s, oi] - w[ot, c, 1, s, oi] + w[ot, c, 2, s, oi]) * T.float32(-1 / 6)
-                        gt[3, s, oi] = (w[ot, c, 0, s, oi] * T.float32(1 / 24) + w[ot, c, 1, s, oi] * T.float32(1 / 12)
-                                        + w[ot, c, 2, s, oi] * T.float32(1 / 6))
-                        gt[4, s, oi] = (w[ot, c, 0, s, oi] * T.float32(1 / 24) - w[ot, c, 1, s, oi] * T.float32(1 / 12)
-                                        + w[ot, c, 2, s, oi] * T.float32(1 / 6))
-                        gt[5, s, oi] = w[ot, c, 2, s, oi]
+                    for oi in T.vectorized(PT):
+                        gt[0, s, oi] = tap(w, ot, oi, c, 0, s) * T.float32(1 / 4)
+                        gt[1, s, oi] = (tap(w, ot, oi, c, 0, s) + tap(w, ot, oi, c, 1, s) + tap(w, ot, oi, c, 2, s)) * T.float32(-1 / 6)
+                        gt[2, s, oi] = (tap(w, ot, oi, c, 0, s) - tap(w, ot, oi, c, 1, s) + tap(w, ot, oi, c, 2, s)) * T.float32(-1 / 6)
+                        gt[3, s, oi] = (tap(w, ot, oi, c, 0, s) * T.float32(1 / 24) + tap(w, ot, oi, c, 1, s) * T.float32(1 / 12)
+                                        + tap(w, ot, oi, c, 2, s) * T.float32(1 / 6))
+                        gt[4, s, oi] = (tap(w, ot, oi, c, 0, s) * T.float32(1 / 24) - tap(w, ot, oi, c, 1, s) * T.float32(1 / 12)
+                                        + tap(w, ot, oi, c, 2, s) * T.float32(1 / 6))
+                        gt[5, s, oi] = tap(w, ot, oi, c, 2, s)
                 for a in T.unroll(6):  # U = gt·Gᵀ, along the rows
-                    for oi in T.vectorized(mi):
+                    for oi in T.vectorized(PT):
                         u[a * 6 + 0, ot, c, oi] = gt[a, 0, oi] * T.float32(1 / 4)
                         u[a * 6 + 1, ot, c, oi] = (gt[a, 0, oi] + gt[a, 1, oi] + gt[a, 2, oi]) * T.float32(-1 / 6)
                         u[a * 6 + 2, ot, c, oi] = (gt[a, 0, oi] - gt[a, 1, oi] + gt[a, 2, oi]) * T.float32(-1 / 6)
@@ -152,19 +158,19 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                                 V[a * 6 + 5, tv, c, l] = 4 * e[a, 1, l] - 5 * e[a, 3, l] + e[a, 5, l]
                 # 36 matrix products M[e] = U[e]·V[e] over the input channels, one task per e.
                 for ei in T.parallel(36):
-                    acc = T.decl_buffer((mi, L), "float32", scope="local")
+                    acc = T.decl_buffer((PT, L), "float32", scope="local")
                     for tv in range(BV):
-                        for ot in range(nt):
-                            for oi in T.unroll(mi):
+                        for ot in range(ntp):
+                            for oi in T.unroll(PT):
                                 for l in T.vectorized(L):
                                     acc[oi, l] = T.float32(0)
                             for c in range(Ci):
-                                for oi in T.unroll(mi):
+                                for oi in T.unroll(PT):
                                     for l in T.vectorized(L):
                                         acc[oi, l] = acc[oi, l] + V[ei, tv, c, l] * u[ei, ot, c, oi]
-                            for oi in T.unroll(mi):
+                            for oi in T.unroll(PT):
                                 for l in T.vectorized(L):
-                                    M[ei, tv, ot * mi + oi, l] = acc[oi, l]
+                                    M[ei, tv, ot * PT + oi, l] = acc[oi, l]
                 # Output transform y = Aᵀ·m·A + bias, scattered back to the 4×4 pixels of each tile.
                 for o in T.parallel(Co):
                     f = T.decl_buffer((4, 6, L), "float32", scope="local")
