@@ -301,6 +301,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
             "plan": plan.to_json() if plan is not None else None,
             "plan_name": str(plan_path) if plan_path else None,
             "library": "model.so", "params": "params.npz", "param_names": list(params),
+            "sampler": "kernel" if board.device == "cpu" else "numpy",   # sample_<s> or device/sampling.py
             "kv_shape": [2, 2 * batch, var.cfg.heads, cache_row(cache_len(var.cfg.patch_nums), var.cfg.head_dim)],
         }
         write_manifest(tmp, manifest)

@@ -97,7 +97,8 @@ class CompiledVAR:
     """A loaded artifact. `generate(labels, ...)` returns (tokens B×L int64, images B×3×H×W).
 
     With `session` (a TVM RPC session to a board) the library is uploaded and run there; the
-    loop and the sampling stay here, as in TVM's own RPC workflows."""
+    loop stays here, as in TVM's own RPC workflows, and so does the sampling of artifacts
+    without a compiled sampler (their logits come over the network)."""
 
     def __init__(self, artifact_dir, device=None, check_arch=True, session=None):
         d = Path(artifact_dir)
@@ -132,6 +133,9 @@ class CompiledVAR:
         # the layout is the kernels' business (schedules/attention.py); zeros: the padding is read, never used
         self.kv = [tvm.runtime.tensor(np.zeros(m["kv_shape"], np.float32), self.dev) for _ in range(model["depth"])]
         self.f_hat_shape = (self.batch, model["cvae"], self.patch_nums[-1], self.patch_nums[-1])
+        # sample_<s> in the module (CPU builds): the draws run in the kernels' thread pool, and over
+        # RPC the logits stay on the board; older artifacts and GPU builds: device/sampling.py
+        self.kernel_sampler = m.get("sampler") == "kernel"
 
     timings: dict | None = None   # set to {} to record seconds per function call (device.bench)
 
@@ -169,9 +173,16 @@ class CompiledVAR:
         for si in range(S):
             logits, *kv = self._call(f"scale_{si}", x, mods, self._tensor(cfg_weights(cfg, si, S)), *self.kv)
             self.kv = list(kv)   # the same buffers locally; the board VM's copies over RPC
-            idx = sample_tokens(logits.numpy(), top_k, top_p, rng)
+            if self.kernel_sampler:
+                n = logits.shape[0] * logits.shape[1]
+                u = np.zeros(n) if top_k == 1 else rng.random(n)   # greedy draws no random number
+                idx_t = self._call(f"sample_{si}", logits, self._tensor(u.reshape(tuple(logits.shape)[:2]).astype(np.float32)),
+                                   self._tensor(np.array([top_k, top_p], np.float32)))
+                idx = idx_t.numpy().astype(np.int64)
+            else:
+                idx = sample_tokens(logits.numpy(), top_k, top_p, rng)
+                idx_t = self._tensor(idx.astype(np.int32))
             tokens.append(idx)
-            idx_t = self._tensor(idx.astype(np.int32))
             if si < S - 1:
                 f_hat, x = self._call(f"next_{si}", idx_t, f_hat)
             else:

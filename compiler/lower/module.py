@@ -5,6 +5,8 @@
     next_<s>(idx B×n int32, f_hat)       → (f_hat, x of scale s+1)       s = 0 … S−2
     last(idx B×n int32, f_hat)           → f_hat
     decode(f_hat)                        → images B×3×H×W in [0, 1]
+    sample_<s>(logits, u B×n, opts)      → idx B×n int32   CPU builds: top-k/top-p draws at
+                                                            quantiles u, opts [top_k, top_p]
 
 The caches are separate tensor arguments (TVM's RPC cannot pass a tuple in), written in place
 and also returned. Locally the returned caches are the argument buffers themselves; over RPC
@@ -17,11 +19,13 @@ import functools
 import inspect
 
 from tvm.relax.frontend import nn
-from tvm.relax.frontend.nn import spec
+from tvm.relax.frontend.nn import op, spec
 
 from compiler.lower.var_graph import VARGraph
 from compiler.lower.vqvae_graph import VQVAEGraph
+from compiler.lower.layers import placeholder
 from schedules.attention import cache_len, cache_row
+from schedules.sampling import sample_rows
 
 
 class GenerationModule(nn.Module):
@@ -34,6 +38,10 @@ class GenerationModule(nn.Module):
             setattr(self, f"scale_{si}", self._scale_function(si))
         for si in range(S - 1):
             setattr(self, f"next_{si}", functools.partial(self._next, si))
+        self.sampler = not gpu   # GPU builds hand the logits to device/sampling.py
+        if self.sampler:
+            for si in range(S):
+                setattr(self, f"sample_{si}", self._sample)
 
     def _scale_function(self, si):
         """scale_<si>(x, mods, tw, kv_0, …, kv_{D−1}) with those parameter names (nn's export
@@ -59,6 +67,12 @@ class GenerationModule(nn.Module):
     def decode(self, f_hat):
         return self.vae.decode(f_hat)
 
+    def _sample(self, logits, u, opts):
+        B, n, V = logits.shape
+        idx = op.tensor_ir_op(sample_rows(int(B) * int(n), int(V)), "sample",
+                              [op.reshape(logits, [B * n, V]), op.reshape(u, [B * n]), opts], placeholder([B * n], "int32"))
+        return op.reshape(idx, [B, n])
+
     def spec(self, batch: int) -> dict:
         cfg, B = self.cfg, batch
         NB, C, P = 2 * B, cfg.width, cfg.patch_nums[-1]
@@ -74,5 +88,8 @@ class GenerationModule(nn.Module):
             idx = spec.Tensor([B, pn * pn], "int32")
             name = f"next_{si}" if si < len(cfg.patch_nums) - 1 else "last"
             out[name] = {"idx": idx, "f_hat": f_hat, **plain}
+            if self.sampler:
+                out[f"sample_{si}"] = {"logits": spec.Tensor([B, pn * pn, cfg.vocab_size], f32),
+                                       "u": spec.Tensor([B, pn * pn], f32), "opts": spec.Tensor([2], f32), **plain}
         out["decode"] = {"f_hat": f_hat, **plain}
         return out
