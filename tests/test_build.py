@@ -168,7 +168,8 @@ def test_device_bench_times_every_function(dense_artifact, tmp_path):
     res = json.loads(out.read_text())
     assert res["images_timed"] == 4 and res["median_s_per_image"] > 0   # batch 2 × 2 generations
     names = set(res["functions_median_ms"])
-    assert {"embed", "scale_0", "scale_3", "next_0", "last", "decode"} <= names
+    assert {"embed", "scale_0", "scale_3", "next_0", "last", "decode", "sample_0", "sample_3"} <= names
+    assert res["sampler"] == "kernel"
     r = run_cli("device.bench", "--artifact", dense_artifact, "--class", "99")
     assert r.returncode == 2 and "--class 99" in r.stderr
     # two artifacts side by side (here the same one twice): both timed, ratio to the first
@@ -177,3 +178,10 @@ def test_device_bench_times_every_function(dense_artifact, tmp_path):
     assert r.returncode == 0, r.stderr
     both = json.loads(out.read_text())
     assert len(both) == 2 and all(b["images_timed"] == 2 for b in both) and "x the first" in r.stdout
+    # the compiled sampler against numpy's, on one artifact: the second run calls no sample_<s>
+    r = run_cli("device.bench", "--artifact", dense_artifact, "--numpy-sampler-too", "-n", "1", "--warmup", "0",
+                "--out", out)
+    assert r.returncode == 0, r.stderr
+    kernel, numpy_ = json.loads(out.read_text())
+    assert (kernel["sampler"], numpy_["sampler"]) == ("kernel", "numpy")
+    assert "sample_0" in kernel["functions_median_ms"] and "sample_0" not in numpy_["functions_median_ms"]
