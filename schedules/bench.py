@@ -8,6 +8,8 @@ For the transformer shapes of the model at its last scale (2 × n tokens under C
 - attention of the last scale against the whole KV cache: dense, MDWA bands of several widths
   (the cost should follow the kept pairs: time / dense ≤ 1.5 × kept fraction), ASC, and
   PyTorch's scaled_dot_product_attention on the dense problem;
+- sampling one image's tokens (top-k 900, top-p 0.95): the compiled sampler against
+  device/sampling.py (numpy) and the reference sampler (PyTorch);
 - the 3×3 convolutions of the VQVAE decoder at their image sizes against PyTorch's conv2d.
 Each row gives the median time, GFLOP/s (multiply-adds × 2, kept pairs only for attention) and
 the fraction of this CPU's peak, measured first by a kernel of independent vector FMAs; int8
@@ -35,7 +37,9 @@ from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
 from compiler.lower.layers import padded_rows
 from device.cores import claim_cores
-from schedules import attention, conv, groupnorm, matmul, qmatmul, winograd
+from compiler.sampler import sample_top_k_top_p
+from device.sampling import make_rng, sample_tokens
+from schedules import attention, conv, groupnorm, matmul, qmatmul, sampling, winograd
 
 SHAPES = {  # width, heads, MLP hidden, vocabulary, patch_nums
     "d16": (1024, 16, 4096, 4096, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
@@ -267,6 +271,19 @@ def conv_engines(Ci: int, Co: int, side: int, k: int = 3) -> dict:
     return engines
 
 
+def sampling_engines(rows: int, vocab: int, top_k: int = 900, top_p: float = 0.95) -> dict:
+    """One image's tokens in one call: the compiled sampler, device/sampling.py (numpy) and the
+    reference sampler (PyTorch), at top-k 900 / top-p 0.95 as in the benchmarks."""
+    logits = (np.random.default_rng(vocab).standard_normal((rows, vocab)) * 3).astype(np.float32)
+    f = compile_kernel(sampling.sample_rows(rows, vocab))
+    args = tensors(logits, np.random.default_rng(0).random(rows).astype(np.float32),
+                   np.array([top_k, top_p], np.float32)) + [tvm.runtime.empty((rows,), "int32", tvm.cpu())]
+    rng, gen, lt = make_rng(0), torch.Generator().manual_seed(0), torch.from_numpy(logits)[None]
+    return {"tvm sample_rows": lambda: f(*args),
+            "numpy (device/sampling.py)": lambda: sample_tokens(logits, top_k, top_p, rng),
+            "torch (reference sampler)": lambda: sample_top_k_top_p(lt, top_k, top_p, gen)}
+
+
 def run(model: str, repeat: int, log=print) -> dict:
     width, heads, hidden, vocab, pns = SHAPES[model]
     M = 2 * pns[-1] ** 2
@@ -280,7 +297,7 @@ def run(model: str, repeat: int, log=print) -> dict:
     if int_peak is not None:
         log(f"  and its int16 dot-product peak (vpmaddwd + vpaddd): {int_peak:.0f} GOP/s")
     report = {"model": model, "tokens": M, "peak_gflops": peak, "int_peak_gops": int_peak,
-              "dense": [], "attention": [], "conv": [], "groupnorm": []}
+              "dense": [], "attention": [], "conv": [], "groupnorm": [], "sampling": []}
     layers = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, hidden),
               "fc2": (hidden, width), "head": (width, vocab)}
     for layer, (K, O) in layers.items():
@@ -303,6 +320,13 @@ def run(model: str, repeat: int, log=print) -> dict:
         report["attention"].append({"engine": name, "ms": t * 1e3, "kept_fraction": kept[name],
                                     "time_vs_dense": rel, "cost_per_kept": rel / kept[name],
                                     "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak})
+    L = sum(p * p for p in pns)
+    log(f"sampling: {L} tokens × {vocab} codes, compiling …")
+    times = side_by_side(sampling_engines(L, vocab), repeat)
+    for name, t in times.items():
+        report["sampling"].append({"tokens": L, "vocab": vocab, "engine": name, "ms": t * 1e3,
+                                   "vs_numpy": times["numpy (device/sampling.py)"] / t,
+                                   "vs_torch": times["torch (reference sampler)"] / t})
     for Ci, Co, side in CONVS[model]:
         log(f"conv 3×3 {Ci}→{Co} at {side}×{side}, compiling …")
         times = side_by_side(conv_engines(Ci, Co, side), repeat)
@@ -333,6 +357,11 @@ def print_report(r: dict, log=print):
     for a in r["attention"]:
         log(f"{a['engine']:26} {a['ms']:8.2f} {a['kept_fraction']:7.1%} {a['time_vs_dense']:11.3f} "
             f"{a['cost_per_kept']:7.2f} {a['gflops']:8.1f} {a['of_peak']:8.1%}")
+    if r.get("sampling"):
+        log(f"\nSampling one image's {r['sampling'][0]['tokens']} tokens over {r['sampling'][0]['vocab']} codes "
+            "(top-k 900, top-p 0.95)")
+        for a in r["sampling"]:
+            log(f"{a['engine']:28} {a['ms']:8.2f} ms {a['vs_numpy']:8.2f}× numpy {a['vs_torch']:8.2f}× torch")
     log("\nDecoder convolutions (3×3, batch 1)")
     log(f"{'shape':22} {'engine':14} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8} {'vs torch':>9}")
     for c in r["conv"]:

@@ -46,6 +46,10 @@ def test_schedules_bench_reports_every_kernel(tmp_path):
     assert {(64, 64, 32), (64, 64, 16)} <= winograd and (32, 3, 32) not in winograd
     assert "Decoder convolutions" in r.stdout and "GroupNorm" in r.stdout
     assert {g["engine"] for g in report["groupnorm"]} == {"tvm groupnorm+silu", "torch groupnorm+silu"}
+    samp = {a["engine"]: a for a in report["sampling"]}
+    assert set(samp) == {"tvm sample_rows", "numpy (device/sampling.py)", "torch (reference sampler)"}
+    assert samp["tvm sample_rows"]["tokens"] == 680 and samp["numpy (device/sampling.py)"]["vs_numpy"] == 1.0
+    assert "Sampling one image's 680 tokens" in r.stdout
     bad = run_cli("schedules.bench", "--repeat", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --repeat must be at least 1, got 0"
 
