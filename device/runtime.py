@@ -137,7 +137,8 @@ class CompiledVAR:
         # RPC the logits stay on the board; older artifacts and GPU builds: device/sampling.py
         self.kernel_sampler = m.get("sampler") == "kernel"
         # inputs made once: tvm.runtime.tensor() costs ~0.1 ms a call, 3 % of a demo image at 3 a scale
-        self._u = [tvm.runtime.empty((self.batch, p * p), "float32", self.dev) for p in self.patch_nums]
+        self._u = [tvm.runtime.empty((self.batch, p * p), "float32", self.dev)
+                   for p in self.patch_nums] if self.kernel_sampler else None
         self._settings = {}
 
     timings: dict | None = None   # set to {} to record seconds per function call (device.bench)

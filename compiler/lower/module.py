@@ -21,9 +21,9 @@ import inspect
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
+from compiler.lower.layers import placeholder
 from compiler.lower.var_graph import VARGraph
 from compiler.lower.vqvae_graph import VQVAEGraph
-from compiler.lower.layers import placeholder
 from schedules.attention import cache_len, cache_row
 from schedules.sampling import sample_rows
 
