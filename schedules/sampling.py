@@ -28,6 +28,7 @@ from schedules.attention import fast_exp
 
 LANES = 8       # keys and weights per vector: one AVX2 register
 ROUNDS = 32     # bisection steps: enough to pin any int32 key
+CHAINS = 4      # independent vector sums in the top-p passes (float adds have 3-4 cycles latency)
 LOWEST = -(2 ** 31)   # the padding's key, below every float's
 
 
@@ -63,6 +64,7 @@ def sample_rows(N: int, V: int):
             w = T.decl_buffer((NV * LANES,), "float32", scope="local")
             hits = T.decl_buffer((LANES,), "int32", scope="local")
             part = T.decl_buffer((LANES,), "float32", scope="local")
+            sums = T.decl_buffer((CHAINS, LANES), "float32", scope="local")
             cut = T.decl_buffer((5,), "int32", scope="local")       # bisection lo, hi, mid; largest key; tk
             acc = T.decl_buffer((4,), "float32", scope="local")     # total, sum, cut-off weight, target
             pick = T.decl_buffer((3,), "int32", scope="local")      # found, lane, token
@@ -122,14 +124,21 @@ def sample_rows(N: int, V: int):
                     for _ in range(ROUNDS):
                         if cut[0] < cut[1]:
                             cut[2] = midpoint(cut[0], cut[1], 0)
-                            for j in T.vectorized(LANES):
-                                part[j] = T.float32(0)
-                            for i0 in range(NV):
+                            for t in T.unroll(CHAINS):
                                 for j in T.vectorized(LANES):
-                                    part[j] = part[j] + T.Select(key[i0 * LANES + j] <= cut[2], w[i0 * LANES + j], T.float32(0))
+                                    sums[t, j] = T.float32(0)
+                            for i0 in range(NV // CHAINS):   # CHAINS independent sums: the adds' latency hidden
+                                for t in T.unroll(CHAINS):
+                                    for j in T.vectorized(LANES):
+                                        sums[t, j] = sums[t, j] + T.Select(key[(i0 * CHAINS + t) * LANES + j] <= cut[2],
+                                                                           w[(i0 * CHAINS + t) * LANES + j], T.float32(0))
+                            for i0 in range(NV // CHAINS * CHAINS, NV):
+                                for j in T.vectorized(LANES):
+                                    sums[0, j] = sums[0, j] + T.Select(key[i0 * LANES + j] <= cut[2], w[i0 * LANES + j], T.float32(0))
                             acc[1] = T.float32(0)
-                            for j in range(LANES):
-                                acc[1] = acc[1] + part[j]
+                            for t in range(CHAINS):
+                                for j in range(LANES):
+                                    acc[1] = acc[1] + sums[t, j]
                             if acc[1] > acc[2]:
                                 cut[1] = cut[2]
                             else:
