@@ -34,6 +34,22 @@ def test_deploy_over_rpc_gives_the_local_tokens(artifact, rpc_server, tmp_path):
     assert (tmp_path / "board" / "deploy.json").is_file() and (tmp_path / "board" / "grid.png").is_file()
 
 
+def test_sampling_on_the_board_gives_the_local_tokens(artifact, rpc_server):
+    """The compiled sampler runs on the board: the uniform numbers go over, the logits stay
+    there, and the same seed gives the same tokens as here (the same kernel on the same CPU)."""
+    import numpy as np
+    from tvm import rpc
+
+    from device.runtime import CompiledVAR
+    from device.sampling import make_rng
+    local = CompiledVAR(artifact)
+    board = CompiledVAR(artifact, session=rpc.connect("127.0.0.1", rpc_server))
+    assert local.kernel_sampler and board.kernel_sampler
+    want = local.generate([2], cfg=3.0, top_k=20, top_p=0.9, rng=make_rng(4))[0]
+    got = board.generate([2], cfg=3.0, top_k=20, top_p=0.9, rng=make_rng(4))[0]
+    assert np.array_equal(got, want)
+
+
 def test_refused_connection_is_a_quick_one_line_error(artifact):
     t0 = time.time()
     r = run_cli("host.deploy", "--artifact", artifact, "--rpc", f"127.0.0.1:{free_port()}", "--timeout", "3")
