@@ -28,7 +28,7 @@ from schedules.attention import fast_exp
 
 LANES = 8       # keys and weights per vector: one AVX2 register
 ROUNDS = 32     # bisection steps: enough to pin any int32 key
-CHAINS = 4      # independent vector sums in the top-p passes (float adds have 3-4 cycles latency)
+CHAINS = 4      # independent vector sums in lane_sums (float adds have 3-4 cycles latency)
 LOWEST = -(2 ** 31)   # the padding's key, below every float's
 
 
@@ -54,6 +54,28 @@ def sample_rows(N: int, V: int):
     top_k ≤ 0 or ≥ V keeps every token; top_p 0 turns the nucleus off."""
     i64 = T.int64
     NV = (V + LANES - 1) // LANES   # vectors per row
+
+    @T.macro
+    def lane_sums(part, sums, key, w, lo, hi):
+        """part[j] = Σ w over the tokens ≡ j (mod LANES) whose key is in [lo, hi], summed in CHAINS
+        independent chains (float adds have 3-4 cycles latency)."""
+        for t in T.unroll(CHAINS):
+            for j in T.vectorized(LANES):
+                sums[t, j] = T.float32(0)
+        for i0 in range(NV // CHAINS):
+            for t in T.unroll(CHAINS):
+                for j in T.vectorized(LANES):
+                    sums[t, j] = sums[t, j] + T.Select((key[(i0 * CHAINS + t) * LANES + j] >= lo) & (key[(i0 * CHAINS + t) * LANES + j] <= hi),
+                                                       w[(i0 * CHAINS + t) * LANES + j], T.float32(0))
+        for i0 in range(NV // CHAINS * CHAINS, NV):
+            for j in T.vectorized(LANES):
+                sums[0, j] = sums[0, j] + T.Select((key[i0 * LANES + j] >= lo) & (key[i0 * LANES + j] <= hi),
+                                                   w[i0 * LANES + j], T.float32(0))
+        for j in T.vectorized(LANES):
+            part[j] = sums[0, j]
+        for t in T.unroll(CHAINS - 1):
+            for j in T.vectorized(LANES):
+                part[j] = part[j] + sums[t + 1, j]
 
     @T.prim_func(private=True)
     def sample(logits: T.Buffer((i64(N), i64(V)), "float32"), u: T.Buffer((i64(N),), "float32"),
@@ -106,14 +128,12 @@ def sample_rows(N: int, V: int):
                             else:
                                 cut[1] = cut[2] - 1
                 cut[4] = cut[0]
-                acc[0] = T.float32(0)
-                for j in T.vectorized(LANES):
-                    part[j] = T.float32(0)
                 for i0 in range(NV):
                     for j in T.vectorized(LANES):
                         w[i0 * LANES + j] = T.Select(key[i0 * LANES + j] >= cut[4], fast_exp(
                             logits[r, T.min(i0 * LANES + j, V - 1)] - key_value(cut[3])), T.float32(0))
-                        part[j] = part[j] + w[i0 * LANES + j]
+                lane_sums(part, sums, key, w, cut[4], cut[3])
+                acc[0] = T.float32(0)
                 for j in range(LANES):
                     acc[0] = acc[0] + part[j]
                 # c: the smallest key whose weight at or below it exceeds (1 − top_p)·total
@@ -124,32 +144,17 @@ def sample_rows(N: int, V: int):
                     for _ in range(ROUNDS):
                         if cut[0] < cut[1]:
                             cut[2] = midpoint(cut[0], cut[1], 0)
-                            for t in T.unroll(CHAINS):
-                                for j in T.vectorized(LANES):
-                                    sums[t, j] = T.float32(0)
-                            for i0 in range(NV // CHAINS):   # CHAINS independent sums: the adds' latency hidden
-                                for t in T.unroll(CHAINS):
-                                    for j in T.vectorized(LANES):
-                                        sums[t, j] = sums[t, j] + T.Select(key[(i0 * CHAINS + t) * LANES + j] <= cut[2],
-                                                                           w[(i0 * CHAINS + t) * LANES + j], T.float32(0))
-                            for i0 in range(NV // CHAINS * CHAINS, NV):
-                                for j in T.vectorized(LANES):
-                                    sums[0, j] = sums[0, j] + T.Select(key[i0 * LANES + j] <= cut[2], w[i0 * LANES + j], T.float32(0))
+                            lane_sums(part, sums, key, w, cut[4], cut[2])
                             acc[1] = T.float32(0)
-                            for t in range(CHAINS):
-                                for j in range(LANES):
-                                    acc[1] = acc[1] + sums[t, j]
+                            for j in range(LANES):
+                                acc[1] = acc[1] + part[j]
                             if acc[1] > acc[2]:
                                 cut[1] = cut[2]
                             else:
                                 cut[0] = cut[2] + 1
                 # the draw: the nucleus's weight per lane, then the lane and the token where the
                 # running weight passes u·(nucleus weight); the last occupied lane if rounding misses
-                for j in T.vectorized(LANES):
-                    part[j] = T.float32(0)
-                for i0 in range(NV):
-                    for j in T.vectorized(LANES):
-                        part[j] = part[j] + T.Select(key[i0 * LANES + j] >= cut[0], w[i0 * LANES + j], T.float32(0))
+                lane_sums(part, sums, key, w, cut[0], cut[3])
                 acc[3] = T.float32(0)
                 for j in range(LANES):
                     acc[3] = acc[3] + part[j]
