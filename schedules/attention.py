@@ -22,49 +22,28 @@ overlapping key runs, so the task computes their union once per key scale and ma
 to its own run. Scores come 16 keys × 6 rows per step (12 vector accumulators sharing each key
 load: 8 could not hide the FMA latency), then one softmax rescale per row and run, weights by a
 vectorised polynomial exp, and acc += p·V, 16 channels × 6 rows at a time, sharing each value
-load. GPU: one thread per row with a per-key online softmax (no score buffer in registers).
+load.
+
+CUDA: one thread block per (batch, head, tile of 32 query rows), 4 threads per row. The block
+walks each key scale's union run in tiles of 32 keys staged in shared memory (keys as their
+panels, values row-major, both read once per block instead of once per row), computes a 32 × 32
+score tile, the online-softmax rescale per row, and acc += p·V with each thread holding a
+quarter of the row's channels. OpenCL (Mali, whose local memory is ordinary memory): one thread
+per row with a per-key online softmax.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
-import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from schedules.kv_layout import KB, cache_len, cache_of, cache_row, key_at, scale_slots, whole_panels  # noqa: F401
+
 NEG_INF = -3.0e38
-KB = 8                # keys per score vector (AVX2: one register)
 KT = 2                # score vectors per step and query row
 STEP = KB * KT        # keys per step
 QB = 6                # query rows per task: QB × KT score vectors in registers share each key load
-
-
-def whole_panels(count):
-    """Places that `count` keys take, rounded up to whole panels of KB."""
-    return (count + KB - 1) // KB * KB
-
-
-def cache_row(L: int, c: int) -> int:
-    """Floats per (k or v, batch, head) row of the cache: whole panels of KB keys."""
-    return whole_panels(L) * c
-
-
-def scale_slots(patch_nums) -> np.ndarray:
-    """S×2 int32, the kernels' `geom` table: each scale's first place in the cache (a multiple of
-    KB) and its token count."""
-    counts = np.array([p * p for p in patch_nums])
-    places = whole_panels(counts)
-    return np.stack([np.cumsum(places) - places, counts], 1).astype(np.int32)
-
-
-def cache_len(patch_nums) -> int:
-    """Places per (batch, head) in the cache: every scale's tokens, each scale padded to a panel."""
-    return int(sum(whole_panels(p * p) for p in patch_nums))
-
-
-def key_at(pos, cc, c: int):
-    """Offset of channel cc of key `pos` in a keys row of the cache (TIR or numpy integers)."""
-    return pos // KB * (KB * c) + cc * KB + pos % KB
 
 
 def key_run(i, n, nk, w):
@@ -90,20 +69,6 @@ def fast_exp(x):
     return p * two_n
 
 
-def cache_of(kv, patch_nums=None):
-    """numpy 2×NB×H×T×c keys and values of T tokens → the cache layout above, tokens at their
-    scale_slots places (tests, benchmarks); without patch_nums, token t at place t."""
-    _, NB, H, T_, c = kv.shape
-    place = np.arange(T_) if patch_nums is None else np.concatenate(
-        [first + np.arange(count) for first, count in scale_slots(patch_nums)])
-    L = T_ if patch_nums is None else cache_len(patch_nums)
-    cache = np.zeros((2, NB, H, cache_row(L, c)), np.float32)
-    pos, cc = np.meshgrid(place, np.arange(c), indexing="ij")
-    cache[0][:, :, key_at(pos, cc, c)] = kv[0]
-    cache[1][:, :, (place[:, None] * c + np.arange(c)).ravel()] = kv[1].reshape(NB, H, -1)
-    return cache
-
-
 @lru_cache(maxsize=None)  # one parse per shape
 def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
     """Write one scale's k, v (NB×H×n×c) at place `begin` of a cache of L places, in place."""
@@ -126,13 +91,15 @@ def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
 
 
 def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
-                       share: str | None = None, gpu: bool = False):
+                       share: str | None = None, gpu: str | bool = False):
     """out NB×H×n×c = softmax(q·kᵀ over kept keys)·v for query scale `qs`, on a cache of L places.
 
     Tables: win S×H×S int32 (window per query scale, head, key scale; −1 dense, 0 dropped) and
     geom S×2 int32 (scale_slots: first place and token count of each scale). `share`: None, "map"
-    or "output"."""
-    return (_attention_gpu if gpu else _attention_cpu)(NB, H, n, c, L, S, qs, share)
+    or "output". `gpu`: False (CPU), "cuda" (the tiled kernel) or another GPU API (one thread
+    per row)."""
+    kernel = _attention_tiled if gpu == "cuda" else _attention_gpu if gpu else _attention_cpu
+    return kernel(NB, H, n, c, L, S, qs, share)
 
 
 @lru_cache(maxsize=None)
@@ -330,5 +297,184 @@ def _attention_gpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                     if share == "output":
                         for cc in range(c):
                             out[b + half, h, i, cc] = acc[cc] / l[0]
+
+    return attention.with_attr("tirx.is_scheduled", True)
+
+
+GPU_ROWS, GPU_KEYS, ROW_THREADS = 16, 16, 4   # CUDA: query rows per block, keys per shared tile, threads per row
+
+
+@lru_cache(maxsize=None)
+def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None,
+                     bound: bool = True, QT: int = GPU_ROWS, KT: int = GPU_KEYS, TPR: int = ROW_THREADS,
+                     vector: bool = True):
+    """The CUDA kernel (module docstring). Each phase is a loop over the block's threads, with a
+    barrier between phases; bound=False leaves those loops serial, keeps each thread's state in
+    its own slot and runs on a CPU, so tests check the same arithmetic here.
+
+    A thread scores kpt consecutive keys of its row (4 at a time from a panel: one 16-byte
+    shared load) and holds the row's channels in 4-float groups spaced TPR groups apart (the
+    row's threads read adjacent groups of a value row: no bank conflicts). vector=False: one
+    float at a time (also what shapes that do not split into 4-float groups get)."""
+    assert KT % KB == 0 and KT % TPR == 0, "a key tile is whole panels, split evenly between a row's threads"
+    half = NB // 2 if share else NB
+    tiles = (n + QT - 1) // QT
+    threads = QT * TPR
+    kpt = KT // TPR                                # keys per thread (scores)
+    KV = 4 if vector and kpt % 4 == 0 else 1       # keys per shared load
+    VW = 4 if vector and c % (4 * TPR) == 0 else 1   # channels per shared load (p·V)
+    cpt = (c + VW * TPR - 1) // (VW * TPR)         # channel groups per thread
+    P = KB * c + (8 if KV > 1 else 0)              # panel stride in shared memory: the next panel 2 banks on
+    cs, ps = c | 1, KT + 1                         # odd row strides: a warp's 8 rows hit 8 banks
+    NT = 1 if bound else threads                   # per-thread state: registers, or one slot per thread
+    slot = (lambda tx: 0) if bound else (lambda tx: tx)  # noqa: E731
+    blocks = (lambda e: T.thread_binding(e, thread="blockIdx.x")) if bound else T.serial  # noqa: E731
+    each_thread = (lambda e: T.thread_binding(e, thread="threadIdx.x")) if bound else T.serial  # noqa: E731
+    shared = "shared" if bound else "global"
+    up = lambda a, b: (a + b - 1) // b  # noqa: E731
+    channel = lambda k, part, u: (k * TPR + part) * VW + u  # noqa: E731
+    # a value read for a channel past c (only when c does not split into TPR threads) reads a
+    # copy of the last one, never written out
+    v_channel = channel if c % TPR == 0 else (lambda k, part, u: T.min(channel(k, part, u), c - 1))  # noqa: E731
+
+    @T.macro
+    def barrier():
+        if bound:
+            T.tvm_storage_sync("shared")
+
+    @T.prim_func(private=True)
+    def attention(q: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
+                  kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
+                  win: T.Buffer((T.int64(S), T.int64(H), T.int64(S)), "int32"),
+                  geom: T.Buffer((T.int64(S), T.int64(2)), "int32"),
+                  out: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        for bx in blocks(half * H * tiles):
+            b = bx // (H * tiles)
+            h = bx // tiles % H
+            i0 = bx % tiles * QT
+            q_sh = T.decl_buffer((QT * cs,), "float32", scope=shared)
+            k_sh = T.decl_buffer((KT // KB * P,), "float32", scope=shared)  # panels of KB keys, as in the cache
+            v_sh = T.decl_buffer((KT * c,), "float32", scope=shared)
+            vu_sh = T.decl_buffer((KT * c if share == "map" else 1,), "float32", scope=shared)
+            s_sh = T.decl_buffer((QT * ps,), "float32", scope=shared)      # scores of the tile
+            p_sh = T.decl_buffer((QT * ps,), "float32", scope=shared)      # their weights
+            l_sh = T.decl_buffer((threads,), "float32", scope=shared)
+            m = T.decl_buffer((NT,), "float32", scope="local")
+            l = T.decl_buffer((NT,), "float32", scope="local")             # the sum over this thread's keys
+            acc = T.decl_buffer((NT * cpt * VW,), "float32", scope="local")
+            acc_u = T.decl_buffer((NT * cpt * VW,), "float32", scope="local")   # ASC "map": the other half
+            for tx in each_thread(threads):
+                m[slot(tx)] = T.float32(NEG_INF)
+                l[slot(tx)] = T.float32(0)
+                for k in T.unroll(cpt * VW):
+                    acc[slot(tx) * cpt * VW + k] = T.float32(0)
+                    acc_u[slot(tx) * cpt * VW + k] = T.float32(0)
+                for e in range(up(QT * c, threads)):
+                    if tx + e * threads < QT * c:
+                        r = (tx + e * threads) // c
+                        q_sh[r * cs + (tx + e * threads) % c] = q[b, h, T.min(i0 + r, n - 1), (tx + e * threads) % c]
+            for ks in range(qs + 1):
+                w = win[qs, h, ks]
+                nk = geom[ks, 1]
+                # the union of the rows' runs, from the start of the panel holding its first key
+                run_lo = key_run(i0, n, nk, w)[0]
+                skip = (geom[ks, 0] + run_lo) % KB
+                lo = run_lo - skip
+                cnt = key_run(T.min(i0 + QT - 1, n - 1), n, nk, w)[1] - lo
+                for t in range(up(cnt, KT)):   # an empty run (cnt ≤ skip) masks every key of its tile
+                    first = geom[ks, 0] + lo + t * KT          # a panel boundary: KT keys are KT·c floats
+                    barrier()
+                    for tx in each_thread(threads):
+                        for e in range(up(KT * c, threads)):
+                            if tx + e * threads < KT * c:
+                                x = tx + e * threads
+                                key = t * KT + x // (KB * c) * KB + x % KB   # (panel, channel, lane) → key
+                                if key >= skip and key < cnt:
+                                    k_sh[x // (KB * c) * P + x % (KB * c)] = kv[0, b, h, first * c + x]
+                                else:
+                                    k_sh[x // (KB * c) * P + x % (KB * c)] = T.float32(0)
+                                if t * KT + x // c >= skip and t * KT + x // c < cnt:  # values: (key, channel)
+                                    v_sh[x] = kv[1, b, h, first * c + x]
+                                    if share == "map":
+                                        vu_sh[x] = kv[1, b + half, h, first * c + x]
+                                else:
+                                    v_sh[x] = T.float32(0)      # never 0 · (a stale NaN)
+                                    if share == "map":
+                                        vu_sh[x] = T.float32(0)
+                    barrier()
+                    for tx in each_thread(threads):
+                        r = tx // TPR
+                        # this thread's first key of the tile; an alias, not a variable, so that
+                        # the key loads below stay 16-byte vectors
+                        j0 = T.meta_var(tx % TPR * kpt)
+                        row_lo, row_hi = key_run(T.min(i0 + r, n - 1), n, nk, w)
+                        sl = T.decl_buffer((kpt,), "float32", scope="local")
+                        for jj in T.unroll(kpt):
+                            sl[jj] = T.float32(0)
+                        for cc in range(c):
+                            for k in T.unroll(kpt // KV):
+                                for u in T.vectorized(KV):
+                                    sl[k * KV + u] = sl[k * KV + u] + q_sh[r * cs + cc] * k_sh[
+                                        (j0 + k * KV) // KB * P + cc * KB + (j0 + k * KV) % KB + u]
+                        for jj in T.unroll(kpt):
+                            s_sh[r * ps + j0 + jj] = T.Select(
+                                (lo + t * KT + j0 + jj >= row_lo) & (lo + t * KT + j0 + jj < row_hi),
+                                sl[jj], T.float32(NEG_INF))
+                    barrier()
+                    for tx in each_thread(threads):
+                        r = tx // TPR
+                        j0 = T.meta_var(tx % TPR * kpt)
+                        mx = T.decl_buffer((1,), "float32", scope="local")
+                        mx[0] = m[slot(tx)]
+                        for j in range(KT):
+                            mx[0] = T.max(mx[0], s_sh[r * ps + j])
+                        corr = T.exp(m[slot(tx)] - mx[0])
+                        l[slot(tx)] = l[slot(tx)] * corr
+                        wt = T.decl_buffer((1,), "float32", scope="local")   # l sums it, not p_sh: no barrier
+                        for jj in T.unroll(kpt):
+                            wt[0] = T.Select(s_sh[r * ps + j0 + jj] > T.float32(NEG_INF),
+                                             T.exp(s_sh[r * ps + j0 + jj] - mx[0]), T.float32(0))
+                            p_sh[r * ps + j0 + jj] = wt[0]
+                            l[slot(tx)] = l[slot(tx)] + wt[0]
+                        for k in T.unroll(cpt * VW):
+                            acc[slot(tx) * cpt * VW + k] = acc[slot(tx) * cpt * VW + k] * corr
+                            if share == "map":
+                                acc_u[slot(tx) * cpt * VW + k] = acc_u[slot(tx) * cpt * VW + k] * corr
+                        m[slot(tx)] = mx[0]
+                    barrier()
+                    for tx in each_thread(threads):
+                        r = tx // TPR
+                        for j in range(KT):
+                            for k in T.unroll(cpt):
+                                for u in T.vectorized(VW):
+                                    acc[slot(tx) * cpt * VW + k * VW + u] = (
+                                        acc[slot(tx) * cpt * VW + k * VW + u]
+                                        + p_sh[r * ps + j] * v_sh[j * c + v_channel(k, tx % TPR, u)])
+                                    if share == "map":
+                                        acc_u[slot(tx) * cpt * VW + k * VW + u] = (
+                                            acc_u[slot(tx) * cpt * VW + k * VW + u]
+                                            + p_sh[r * ps + j] * vu_sh[j * c + v_channel(k, tx % TPR, u)])
+            barrier()
+            for tx in each_thread(threads):
+                l_sh[tx] = l[slot(tx)]
+            barrier()
+            for tx in each_thread(threads):
+                r = tx // TPR
+                if i0 + r < n:
+                    tot = T.decl_buffer((1,), "float32", scope="local")
+                    tot[0] = T.float32(0)
+                    for part in range(TPR):
+                        tot[0] = tot[0] + l_sh[r * TPR + part]
+                    for k in T.unroll(cpt):
+                        for u in T.unroll(VW):
+                            if channel(k, tx % TPR, u) < c:
+                                out[b, h, i0 + r, channel(k, tx % TPR, u)] = acc[slot(tx) * cpt * VW + k * VW + u] / tot[0]
+                                if share == "map":
+                                    out[b + half, h, i0 + r, channel(k, tx % TPR, u)] = (
+                                        acc_u[slot(tx) * cpt * VW + k * VW + u] / tot[0])
+                                if share == "output":
+                                    out[b + half, h, i0 + r, channel(k, tx % TPR, u)] = (
+                                        acc[slot(tx) * cpt * VW + k * VW + u] / tot[0])
 
     return attention.with_attr("tirx.is_scheduled", True)

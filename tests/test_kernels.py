@@ -1,5 +1,6 @@
 """Each kernel of schedules/ alone against a numpy reference, on odd shapes."""
 import platform
+from functools import partial
 
 import numpy as np
 import pytest
@@ -170,30 +171,58 @@ def reference_attention(q, kv, win, pns, qs, share):
     return out
 
 
-@pytest.mark.parametrize("share", [None, "map", "output"])
-@pytest.mark.parametrize("c", [8, 6])
-@pytest.mark.parametrize("gpu_variant", [False, True], ids=["cpu", "gpu-loops"])
-@pytest.mark.parametrize("qs", [2, 3])
-def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c, gpu_variant, qs):
-    """The GPU variant's loops run here too, with its thread bindings as plain loops; scale 2
-    has 9 queries, not a whole number of the CPU kernel's 4-row blocks."""
-    pns = [1, 2, 3, 4]
-    S, H, NB = 4, 3, 4
-    L = attention.cache_len(pns)
+def attention_problem(pns, qs, c, H=3, NB=4):
+    """Random q and keys/values, and windows for query scale qs: bands (the widest at the edges
+    of the scale), dropped key scales, a window wider than its scale (dense) and dense heads."""
+    S = len(pns)
     n = pns[qs] ** 2
-    rng = np.random.default_rng(c)
+    rng = np.random.default_rng(c + qs)
     q = rng.standard_normal((NB, H, n, c)).astype(np.float32)
     kv = rng.standard_normal((2, NB, H, sum(p * p for p in pns), c)).astype(np.float32)
     win = -np.ones((S, H, S), np.int32)
-    win[qs, 0] = [-1, 1, 2, 1]     # bands, the widest at the edges of the scale
-    win[qs, 1] = [0, -1, 1, 0]     # dropped key scales
-    win[qs, 2] = [-1, -1, -1, 16]  # a window wider than the scale: dense
-    geom = attention.scale_slots(pns)
-    if gpu_variant:
-        func = attention._attention_gpu(NB, H, n, c, L, S, qs, share, bound=False)
-    else:
-        func = attention.windowed_attention(NB, H, n, c, L, S, qs, share)
-    (out,) = run(func, q, attention.cache_of(kv, pns), win, geom, out=[((NB, H, n, c), "float32")])
+    win[qs, 0, :qs + 1] = [-1, 1, 2, 1, 3, 2, 1][:qs + 1]
+    win[qs, 1, :qs + 1] = [0, -1, 1, 0, 2, 0, 1][:qs + 1]
+    win[qs, 2, :qs + 1] = [-1, -1, -1, 16, -1, 64, 99][:qs + 1]
+    return q, kv, win
+
+
+KERNELS = {   # name → the kernel's maker; the GPU variants' thread loops run here as plain loops
+    "cpu": attention.windowed_attention,
+    "gpu-rows": partial(attention._attention_gpu, bound=False),
+    "cuda-tiled": partial(attention._attention_tiled, bound=False),
+    "cuda-tiled-8x8x2": partial(attention._attention_tiled, bound=False, QT=8, KT=8, TPR=2),
+    "cuda-tiled-scalar": partial(attention._attention_tiled, bound=False, vector=False),
+}
+
+
+@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("c", [8, 6])
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("qs", [2, 3])
+def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c, kernel, qs):
+    """Scale 2 has 9 queries, not a whole number of the CPU kernel's 6-row blocks; the 8×8 tiles
+    split scale 3's rows and keys into several tiles."""
+    pns = [1, 2, 3, 4]
+    S, H, NB = 4, 3, 4
+    L, n = attention.cache_len(pns), pns[qs] ** 2
+    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    func = KERNELS[kernel](NB, H, n, c, L, S, qs, share)
+    (out,) = run(func, q, attention.cache_of(kv, pns), win, attention.scale_slots(pns), out=[((NB, H, n, c), "float32")])
+    np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [None, "map"])
+@pytest.mark.parametrize("c", [12, 32])
+def test_tiled_cuda_attention_over_several_row_and_key_tiles(share, c):
+    """64 queries (four 16-row tiles) against key scales of up to 64 keys (four 16-key tiles),
+    with the CUDA kernel's own tile sizes; 12 channels go one float at a time (3 per thread),
+    32 in 4-float groups (2 per thread)."""
+    pns = [1, 2, 4, 6, 8]
+    S, H, NB, qs = 5, 3, 2, 4
+    L, n = attention.cache_len(pns), pns[qs] ** 2
+    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    func = KERNELS["cuda-tiled"](NB, H, n, c, L, S, qs, share)
+    (out,) = run(func, q, attention.cache_of(kv, pns), win, attention.scale_slots(pns), out=[((NB, H, n, c), "float32")])
     np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
 
 
