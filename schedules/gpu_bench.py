@@ -1,12 +1,16 @@
-"""W8A8 matmuls on a CUDA GPU: our dp4a kernel against DLight's int8 matmul and an fp32 matmul.
+"""Kernels on a CUDA GPU, side by side: W8A8 matmuls (our dp4a kernel, DLight's int8 matmul, an
+fp32 matmul) and attention at d16's last scale (the tiled kernel, the one-thread-per-row kernel).
 
     python -m schedules.gpu_bench build --target h100 --out DIR   # here: one library per kernel and shape
     python -m schedules.gpu_bench run DIR                         # on the GPU machine (TVM runtime + numpy)
 
-The shapes are d16's at the last scales (qkv, proj, fc2), activations already quantized. Inputs
-come from seeds on both sides, so DIR holds only the libraries; `run` checks each int8 kernel
-against the exact integer product (numpy int64) scaled as the simulation does, and times the
-three side by side.
+Matmuls: d16's shapes at the last scales (qkv, proj, fc2), activations already quantized; `run`
+checks each int8 kernel against the exact integer product (numpy int64) scaled as the
+simulation does. Attention: 2 × 16 heads × 256 queries × 680 keys × 64, dense, MDWA bands
+(schedules/bench.py's cases) and ASC; `run` checks the dense output against numpy and every
+tiled output against the per-row kernel's (tested against the reference in tests/), and, where
+PyTorch is installed, times its SDPA on the dense problem. Inputs come from seeds on both sides,
+so DIR holds only the libraries and the window tables.
 """
 from __future__ import annotations
 
@@ -19,10 +23,24 @@ from pathlib import Path
 import numpy as np
 
 from device.errors import UserError, cli
-from schedules.packing import pack_dp4a  # numpy only: `run` has just the TVM runtime
+from schedules import kv_layout         # numpy only, like packing: `run` has just the TVM runtime
+from schedules.packing import pack_dp4a
 
 SHAPES = ((512, 1024, 3072), (338, 1024, 1024), (512, 4096, 1024))
 KINDS = ("dp4a", "dlight_int8", "dlight_fp32")
+ATTN = {"NB": 2, "H": 16, "c": 64, "pns": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}   # d16, last scale
+ATTN_KERNELS = {   # name → (query rows, keys, threads per row, 4-float loads); None: one thread per row
+    "tiled": (16, 16, 4, True), "tiled_16x16x4_scalar": (16, 16, 4, False), "tiled_32x32x4": (32, 32, 4, True),
+    "tiled_32x32x4_scalar": (32, 32, 4, False), "tiled_16x32x8": (16, 32, 8, True), "rows": None}
+
+
+def attention_inputs():
+    """q NB×H×n×c and the KV cache (kv_layout) of the d16 attention problem, from a seed."""
+    NB, H, c, pns = ATTN["NB"], ATTN["H"], ATTN["c"], ATTN["pns"]
+    rng = np.random.default_rng(16)
+    q = (rng.standard_normal((NB, H, pns[-1] ** 2, c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
+    kv = (rng.standard_normal((2, NB, H, sum(p * p for p in pns), c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
+    return q, kv
 
 
 def inputs(M: int, K: int, O: int):
@@ -91,7 +109,9 @@ def build(target: str, out: Path, log=print):
                     "$": {"param_mode": "plain", "effect_mode": "none"}}})
                 ex = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
                 ex.export_library(str(tmp / f"{kind}_{M}x{K}x{O}.so"))
-        (tmp / "shapes.json").write_text(json.dumps({"target": target, "shapes": SHAPES, "kinds": KINDS}))
+        cases = build_attention(tvm_target, target, tmp, log)
+        (tmp / "shapes.json").write_text(json.dumps({"target": target, "shapes": SHAPES, "kinds": KINDS,
+                                                     "attention": cases}))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -99,6 +119,83 @@ def build(target: str, out: Path, log=print):
         if tmp.exists():
             shutil.rmtree(tmp)
     log(f"wrote {out}")
+
+
+def build_attention(tvm_target, target: str, out: Path, log) -> dict:
+    """attn_<kernel>_<case>.so for every kernel and case; returns each case's window table,
+    share mode and fraction of the dense problem's work (kept pairs; ASC as schedules/bench.py)."""
+    import tvm
+
+    from schedules import attention
+    from schedules.bench import WINDOWS, attention_case
+    NB, H, c, pns = ATTN["NB"], ATTN["H"], ATTN["c"], ATTN["pns"]
+    S, qs, L = len(pns), len(pns) - 1, kv_layout.cache_len(pns)
+    cases = {"dense": (None, None)} | {f"w{w}": (w, None) for w in WINDOWS}
+    cases |= {f"w{WINDOWS[1]}_asc_{m}": (WINDOWS[1], m) for m in ("map", "output")}
+    table = {}
+    for case, (window, share) in cases.items():
+        win, frac, _ = attention_case(H * c, H, pns, window)
+        table[case] = {"win": win.tolist(), "share": share,
+                       "work": frac * {None: 1.0, "map": 0.75, "output": 0.5}[share]}
+        for kernel, tile in ATTN_KERNELS.items():
+            log(f"compiling attention {kernel} {case} for {target}")
+            f = (attention._attention_gpu(NB, H, pns[qs] ** 2, c, L, S, qs, share) if tile is None else
+                 attention._attention_tiled(NB, H, pns[qs] ** 2, c, L, S, qs, share, True, *tile))
+            ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}), target=tvm_target)
+            ex.export_library(str(out / f"attn_{kernel}_{case}.so"))
+    return table
+
+
+def reference_dense_attention(q, kv):
+    s = np.einsum("bhic,bhjc->bhij", q.astype(np.float64), kv[0].astype(np.float64))
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhij,bhjc->bhic", p / p.sum(-1, keepdims=True), kv[1].astype(np.float64))
+
+
+def run_attention(lib_dir: Path, cases: dict, number: int, log=print) -> list:
+    import tvm
+    dev = tvm.cuda(0)
+    pns = ATTN["pns"]
+    q, kv = attention_inputs()
+    args = [tvm.runtime.tensor(a, dev) for a in (q, kv_layout.cache_of(kv, pns))]
+    geom = tvm.runtime.tensor(kv_layout.scale_slots(pns), dev)
+    out = tvm.runtime.empty(q.shape, "float32", dev)
+    rows, outputs = [], {}
+    for case, spec in cases.items():
+        win = tvm.runtime.tensor(np.array(spec["win"], np.int32), dev)
+        for kernel in ATTN_KERNELS:
+            f = tvm.runtime.load_module(str(lib_dir / f"attn_{kernel}_{case}.so"))
+            f["f"](*args, win, geom, out)
+            outputs[kernel] = out.numpy()
+            us = f.time_evaluator("f", dev, number=number, repeat=5)(*args, win, geom, out).median * 1e6
+            rows.append({"attention": case, "kernel": kernel, "us": us, "work": spec["work"]})
+        for kernel in ATTN_KERNELS:
+            diff = float(np.abs(outputs[kernel] - (reference_dense_attention(q, kv) if case == "dense"
+                                                   else outputs["rows"])).max())
+            row = next(r for r in rows if r["attention"] == case and r["kernel"] == kernel)
+            row["max_diff"] = diff
+            dense = next(r["us"] for r in rows if r["attention"] == "dense" and r["kernel"] == kernel)
+            log(f"attention {case:15} {kernel:14} {row['us']:8.1f} µs  ÷ dense {row['us'] / dense:5.2f}"
+                f"  ÷ kept work {row['us'] / dense / spec['work']:5.2f}  max diff vs "
+                f"{'numpy' if case == 'dense' else 'rows'} {diff:.1e}")
+    try:
+        import torch
+    except ImportError:
+        return rows
+    qt, kt, vt = (torch.from_numpy(a).cuda() for a in (q, kv[0], kv[1]))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            sdpa(qt, kt, vt)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / number)
+    rows.append({"attention": "dense", "kernel": "torch_sdpa_fp32", "us": float(np.median(times)), "work": 1.0})
+    log(f"attention dense           torch SDPA fp32 {rows[-1]['us']:8.1f} µs")
+    return rows
 
 
 def run(lib_dir: Path, number: int, log=print) -> list:
@@ -111,7 +208,8 @@ def run(lib_dir: Path, number: int, log=print) -> list:
     load_gpu_runtime("cuda", lib_dir)
     dev = tvm.cuda(0)
     rows = []
-    for M, K, O in json.loads((lib_dir / "shapes.json").read_text())["shapes"]:
+    meta = json.loads((lib_dir / "shapes.json").read_text())
+    for M, K, O in meta["shapes"]:
         xq, sx, q, s = inputs(M, K, O)
         exact = (xq.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * sx * s
         for kind in KINDS:
@@ -123,7 +221,7 @@ def run(lib_dir: Path, number: int, log=print) -> list:
                          "equal_to_exact": float((y == exact).mean())})
             log(f"{M}×{K}·{K}×{O} {kind:12} {us:9.1f} µs {rows[-1]['tops']:6.1f} TOPS  "
                 f"equal to the exact product: {rows[-1]['equal_to_exact']:.2%}")
-    return rows
+    return rows + run_attention(lib_dir, meta.get("attention", {}), number, log)
 
 
 @cli
@@ -136,11 +234,14 @@ def main(argv=None):
     r = sub.add_parser("run", help="check and time them on the GPU")
     r.add_argument("dir", type=Path)
     r.add_argument("--number", type=int, default=100, help="calls per timed repeat (default 100)")
+    r.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.verb == "build":
         build(args.target, args.out)
     else:
-        run(args.dir, args.number)
+        rows = run(args.dir, args.number)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

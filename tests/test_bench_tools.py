@@ -10,6 +10,7 @@ from compiler.compress.plan import load_plan
 from compiler.compress.mdwa import kept_pairs
 from conftest import ROOT, run_cli
 from device.cores import physical_cores
+from schedules import gpu_bench
 
 
 def test_tvm_uses_every_physical_core():
@@ -87,11 +88,12 @@ def test_gpu_bench_refuses_cpu_targets_and_missing_libraries(tmp_path):
 
 
 def test_gpu_bench_run_side_needs_no_compiler(tmp_path):
-    """`run` executes where only the TVM runtime is installed: it packs the dp4a weight with the
-    compiler's own layout (schedules/packing.py) without importing the kernels or the compiler."""
+    """`run` executes where only the TVM runtime is installed: it packs the dp4a weight and fills
+    the KV cache with the compiler's own layouts (schedules/packing.py, schedules/kv_layout.py)
+    without importing the kernels or the compiler."""
     code = f"""if True:
         import sys
-        for m in ("compiler", "schedules.qmatmul", "schedules.matmul"):
+        for m in ("compiler", "schedules.qmatmul", "schedules.matmul", "schedules.attention"):
             sys.modules[m] = None   # importing any of them raises ImportError (this full TVM's own
                                     # `import tvm` loads tvm.script; a runtime-only one has none)
         from pathlib import Path
@@ -102,6 +104,9 @@ def test_gpu_bench_run_side_needs_no_compiler(tmp_path):
         w = gpu_bench.weight("dp4a", q, s)
         assert w.shape == (3, 20, 4) and w.flags.c_contiguous
         assert all(w[k // 4, o, k % 4] == q[o, k] for o in range(20) for k in range(12))
+        q, kv = gpu_bench.attention_inputs()
+        cache = gpu_bench.kv_layout.cache_of(kv, gpu_bench.ATTN["pns"])
+        assert q.shape == (2, 16, 256, 64) and cache.shape == (2, 2, 16, 720 * 64)
         try:
             gpu_bench.run(Path({str(tmp_path)!r}), 1)
         except gpu_bench.UserError as e:
@@ -117,4 +122,6 @@ def test_gpu_bench_run_side_needs_no_compiler(tmp_path):
 def test_gpu_bench_builds_every_kernel(tmp_path):
     r = run_cli("schedules.gpu_bench", "build", "--target", "jetson-orin", "--out", tmp_path / "g", timeout=900)
     assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "g").glob("*.so"))) == 9 and (tmp_path / "g" / "shapes.json").is_file()
+    libs = {p.name for p in (tmp_path / "g").glob("*.so")}
+    assert len(libs) == 9 + 6 * len(gpu_bench.ATTN_KERNELS) and "attn_tiled_w4.so" in libs
+    assert (tmp_path / "g" / "shapes.json").is_file()
