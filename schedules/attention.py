@@ -307,22 +307,27 @@ GPU_ROWS, GPU_KEYS, ROW_THREADS = 16, 16, 4   # CUDA: query rows per block, keys
 @lru_cache(maxsize=None)
 def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None,
                      bound: bool = True, QT: int = GPU_ROWS, KT: int = GPU_KEYS, TPR: int = ROW_THREADS,
-                     vector: bool = True):
+                     vector_keys: bool | None = None, vector_values: bool | None = None):
     """The CUDA kernel (module docstring). Each phase is a loop over the block's threads, with a
     barrier between phases; bound=False leaves those loops serial, keeps each thread's state in
     its own slot and runs on a CPU, so tests check the same arithmetic here.
 
     A thread scores kpt consecutive keys of its row (4 at a time from a panel: one 16-byte
     shared load) and holds the row's channels in 4-float groups spaced TPR groups apart (the
-    row's threads read adjacent groups of a value row: no bank conflicts). vector=False: one
-    float at a time (also what shapes that do not split into 4-float groups get)."""
+    row's threads read adjacent groups of a value row: no bank conflicts). vector_keys=False,
+    vector_values=False: one float at a time (also what shapes that do not split into 4-float
+    groups get). The default (None) is 16-byte loads, except for ASC "map": on an H100 at d16's
+    last scale the 16-byte loads took 1.35× the time of single floats there (130 against 96 µs;
+    0.75× for the other cases; schedules/gpu_bench.py)."""
+    vector_keys = share != "map" if vector_keys is None else vector_keys
+    vector_values = share != "map" if vector_values is None else vector_values
     assert KT % KB == 0 and KT % TPR == 0, "a key tile is whole panels, split evenly between a row's threads"
     half = NB // 2 if share else NB
     tiles = (n + QT - 1) // QT
     threads = QT * TPR
     kpt = KT // TPR                                # keys per thread (scores)
-    KV = 4 if vector and kpt % 4 == 0 else 1       # keys per shared load
-    VW = 4 if vector and c % (4 * TPR) == 0 else 1   # channels per shared load (p·V)
+    KV = 4 if vector_keys and kpt % 4 == 0 else 1  # keys per shared load
+    VW = 4 if vector_values and c % (4 * TPR) == 0 else 1   # channels per shared load (p·V)
     cpt = (c + VW * TPR - 1) // (VW * TPR)         # channel groups per thread
     P = KB * c + (8 if KV > 1 else 0)              # panel stride in shared memory: the next panel 2 banks on
     cs, ps = c | 1, KT + 1                         # odd row strides: a warp's 8 rows hit 8 banks

@@ -29,9 +29,11 @@ from schedules.packing import pack_dp4a
 SHAPES = ((512, 1024, 3072), (338, 1024, 1024), (512, 4096, 1024))
 KINDS = ("dp4a", "dlight_int8", "dlight_fp32")
 ATTN = {"NB": 2, "H": 16, "c": 64, "pns": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}   # d16, last scale
-ATTN_KERNELS = {   # name → (query rows, keys, threads per row, 4-float loads); None: one thread per row
-    "tiled": (16, 16, 4, True), "tiled_16x16x4_scalar": (16, 16, 4, False), "tiled_32x32x4": (32, 32, 4, True),
-    "tiled_32x32x4_scalar": (32, 32, 4, False), "tiled_16x32x8": (16, 32, 8, True), "rows": None}
+ATTN_KERNELS = {   # name → (query rows, keys, threads per row, 4-float key loads, 4-float value loads),
+    # None: the kernel's default; "rows": one thread per row
+    "tiled": (16, 16, 4, None, None), "tiled_scalar": (16, 16, 4, False, False),
+    "tiled_vector": (16, 16, 4, True, True), "tiled_32x32x4": (32, 32, 4, None, None),
+    "tiled_16x32x8": (16, 32, 8, None, None), "rows": None}
 
 
 def attention_inputs():

@@ -191,7 +191,7 @@ KERNELS = {   # name → the kernel's maker; the GPU variants' thread loops run 
     "gpu-rows": partial(attention._attention_gpu, bound=False),
     "cuda-tiled": partial(attention._attention_tiled, bound=False),
     "cuda-tiled-8x8x2": partial(attention._attention_tiled, bound=False, QT=8, KT=8, TPR=2),
-    "cuda-tiled-scalar": partial(attention._attention_tiled, bound=False, vector=False),
+    "cuda-tiled-scalar": partial(attention._attention_tiled, bound=False, vector_keys=False, vector_values=False),
 }
 
 
@@ -224,6 +224,33 @@ def test_tiled_cuda_attention_over_several_row_and_key_tiles(share, c):
     func = KERNELS["cuda-tiled"](NB, H, n, c, L, S, qs, share)
     (out,) = run(func, q, attention.cache_of(kv, pns), win, attention.scale_slots(pns), out=[((NB, H, n, c), "float32")])
     np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [None, "output", "map"])
+def test_tiled_cuda_attention_compiles_for_orin_with_shared_tiles_and_16_byte_loads(share, tmp_path):
+    """d16's last scale for sm_87: keys and values come from shared memory in float4 loads
+    (single floats for ASC "map", which was faster so on the H100), and the block's shared
+    memory fits the 48 KB a kernel gets without opting in."""
+    import re
+    import subprocess
+
+    import targets
+    from compiler.build import find_nvcc
+    pns = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    f = attention.windowed_attention(2, 16, 256, 64, attention.cache_len(pns), 10, 9, share, gpu="cuda")
+    ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}),
+                     target=targets.load("jetson-orin").tvm_target())
+    src = ex.mod.imports[0].inspect_source("")
+    assert "__shared__" in src and "__syncthreads()" in src
+    vector_loads = [re.search(rf"\*\(float4\*\)\({b}_sh_ptr \+", src) is not None for b in ("k", "v")]
+    assert vector_loads == [share != "map"] * 2
+    if find_nvcc():
+        (tmp_path / "a.cu").write_text(src)
+        r = subprocess.run([find_nvcc(), "-arch=sm_87", "-cubin", "-Xptxas", "-v", "-o", tmp_path / "a.cubin",
+                            tmp_path / "a.cu"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        smem = int(re.search(r"(\d+) bytes smem", r.stdout + r.stderr).group(1))
+        assert 0 < smem <= 48 * 1024 and "spill" not in re.sub(r"0 bytes spill", "", r.stdout + r.stderr)
 
 
 def test_kv_write_fills_only_its_scale():
