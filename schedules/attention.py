@@ -54,6 +54,18 @@ def key_run(i, n, nk, w):
     return lo, hi
 
 
+def union_run(i0, rows, n, nk, w, first):
+    """The keys that query rows i0 … i0+rows−1 (clipped to n) keep, together, in a key scale of
+    nk tokens whose first cache place `first` starts a panel: runs grow with i, so their union
+    runs from the first row's lo to the last row's hi. Returns (skip, lo, cnt): cnt keys from
+    key lo, the start of the panel that holds the first kept key (`skip` keys before it);
+    cnt ≤ skip when no key is kept."""
+    run_lo = key_run(i0, n, nk, w)[0]
+    skip = (first + run_lo) % KB
+    lo = run_lo - skip
+    return skip, lo, key_run(T.min(i0 + rows - 1, n - 1), n, nk, w)[1] - lo
+
+
 def fast_exp(x):
     """exp(x) for x ≤ 0 in float32 lanes: 2ⁿ·p(r) with x = n·ln2 + r, |r| ≤ ln2/2, p of degree 7
     (relative error ~2e-7, like float32 expf); x below −87 gives ~1e-38 instead of 0, x above 0
@@ -88,6 +100,14 @@ def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
                 kv[T.int64(1), vb, vh, (vi + T.int64(begin)) * T.int64(c) + vc] = v[vb, vh, vi, vc]
 
     return write_kv
+
+
+def signature(NB: int, H: int, n: int, c: int, L: int, S: int):
+    """The attention kernels' parameters: q, the cache, win, geom and out (each its own buffer)."""
+    i64 = T.int64
+    rows = lambda: T.Buffer((i64(NB), i64(H), i64(n), i64(c)), "float32")  # noqa: E731
+    return (rows(), T.Buffer((i64(2), i64(NB), i64(H), i64(cache_row(L, c))), "float32"),
+            T.Buffer((i64(S), i64(H), i64(S)), "int32"), T.Buffer((i64(S), i64(2)), "int32"), rows())
 
 
 def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
@@ -129,12 +149,10 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                 for u in T.vectorized(KB):
                     sc[r, at + t * KB + u] = s8[r, t, u]
 
+    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
+
     @T.prim_func(private=True)
-    def attention(q: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
-                  kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
-                  win: T.Buffer((T.int64(S), T.int64(H), T.int64(S)), "int32"),
-                  geom: T.Buffer((T.int64(S), T.int64(2)), "int32"),
-                  out: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
+    def attention(q: Q, kv: Cache, win: Windows, geom: Geom, out: Out):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         for task in T.parallel(half * H * blocks):
             b = task // (H * blocks)
@@ -158,12 +176,7 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
             for ks in range(qs + 1):
                 w = win[qs, h, ks]
                 nk = geom[ks, 1]
-                # the block's rows keep overlapping runs (lo and hi grow with i): compute their union,
-                # from the start of the panel that holds its first key (`skip` keys earlier)
-                run_lo = key_run(i0, n, nk, w)[0]
-                skip = (geom[ks, 0] + run_lo) % KB
-                lo = run_lo - skip
-                cnt = key_run(T.min(i0 + QB - 1, n - 1), n, nk, w)[1] - lo
+                skip, lo, cnt = union_run(i0, QB, n, nk, w, geom[ks, 0])   # once for the block's rows
                 base = geom[ks, 0] + lo
                 if cnt > skip:
                     # scores: QB rows × 16 keys per step (the last step 8 if that covers the run)
@@ -248,12 +261,10 @@ def _attention_gpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
     outer = (lambda e: T.thread_binding(e, thread="blockIdx.x")) if bound else T.serial  # noqa: E731
     inner = (lambda e: T.thread_binding(e, thread="threadIdx.x")) if bound else T.serial  # noqa: E731
 
+    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
+
     @T.prim_func(private=True)
-    def attention(q: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
-                  kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
-                  win: T.Buffer((T.int64(S), T.int64(H), T.int64(S)), "int32"),
-                  geom: T.Buffer((T.int64(S), T.int64(2)), "int32"),
-                  out: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
+    def attention(q: Q, kv: Cache, win: Windows, geom: Geom, out: Out):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         for bx in outer(blocks):
             for tx in inner(threads):
@@ -347,12 +358,10 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
         if bound:
             T.tvm_storage_sync("shared")
 
+    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
+
     @T.prim_func(private=True)
-    def attention(q: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
-                  kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
-                  win: T.Buffer((T.int64(S), T.int64(H), T.int64(S)), "int32"),
-                  geom: T.Buffer((T.int64(S), T.int64(2)), "int32"),
-                  out: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
+    def attention(q: Q, kv: Cache, win: Windows, geom: Geom, out: Out):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         for bx in blocks(half * H * tiles):
             b = bx // (H * tiles)
@@ -382,11 +391,7 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
             for ks in range(qs + 1):
                 w = win[qs, h, ks]
                 nk = geom[ks, 1]
-                # the union of the rows' runs, from the start of the panel holding its first key
-                run_lo = key_run(i0, n, nk, w)[0]
-                skip = (geom[ks, 0] + run_lo) % KB
-                lo = run_lo - skip
-                cnt = key_run(T.min(i0 + QT - 1, n - 1), n, nk, w)[1] - lo
+                skip, lo, cnt = union_run(i0, QT, n, nk, w, geom[ks, 0])   # once for the block's rows
                 for t in range(up(cnt, KT)):   # an empty run (cnt ≤ skip) masks every key of its tile
                     first = geom[ks, 0] + lo + t * KT          # a panel boundary: KT keys are KT·c floats
                     barrier()
