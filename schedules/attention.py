@@ -24,9 +24,9 @@ load: 8 could not hide the FMA latency), then one softmax rescale per row and ru
 vectorised polynomial exp, and acc += p·V, 16 channels × 6 rows at a time, sharing each value
 load.
 
-CUDA: one thread block per (batch, head, tile of 32 query rows), 4 threads per row. The block
-walks each key scale's union run in tiles of 32 keys staged in shared memory (keys as their
-panels, values row-major, both read once per block instead of once per row), computes a 32 × 32
+CUDA: one thread block per (batch, head, tile of 16 query rows), 4 threads per row. The block
+walks each key scale's union run in tiles of 16 keys staged in shared memory (keys as their
+panels, values row-major, both read once per block instead of once per row), computes a 16 × 16
 score tile, the online-softmax rescale per row, and acc += p·V with each thread holding a
 quarter of the row's channels. OpenCL (Mali, whose local memory is ordinary memory): one thread
 per row with a per-key online softmax.
