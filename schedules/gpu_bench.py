@@ -72,7 +72,7 @@ def build(target: str, out: Path, log=print):
     from tvm.relax.frontend.nn import op
 
     import targets
-    from compiler.build import pipeline
+    from compiler.build import check_cross_compiler, export, pipeline
     from compiler.lower.layers import placeholder
     from compiler.lower.params import param
     from schedules import qmatmul
@@ -80,6 +80,7 @@ def build(target: str, out: Path, log=print):
     board = targets.load(target)
     if board.device != "cuda":
         raise UserError(f"--target {target}: runs kernels on {board.device}; this benchmark is for CUDA boards")
+    check_cross_compiler(board)
     tvm_target = board.tvm_target()
 
     class Matmul(nn.Module):
@@ -110,8 +111,8 @@ def build(target: str, out: Path, log=print):
                     "xq": nn.spec.Tensor([M, K], "int8"), "sx": nn.spec.Tensor([M, 1], "float32"),
                     "$": {"param_mode": "plain", "effect_mode": "none"}}})
                 ex = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
-                ex.export_library(str(tmp / f"{kind}_{M}x{K}x{O}.so"))
-        cases = build_attention(tvm_target, target, tmp, log)
+                export(ex, board, tmp / f"{kind}_{M}x{K}x{O}.so")   # cross-linked for an ARM board
+        cases = build_attention(board, tmp, log)
         (tmp / "shapes.json").write_text(json.dumps({"target": target, "shapes": SHAPES, "kinds": KINDS,
                                                      "attention": cases}))
         if out.exists():
@@ -123,11 +124,12 @@ def build(target: str, out: Path, log=print):
     log(f"wrote {out}")
 
 
-def build_attention(tvm_target, target: str, out: Path, log) -> dict:
+def build_attention(board, out: Path, log) -> dict:
     """attn_<kernel>_<case>.so for every kernel and case; returns each case's window table,
     share mode and fraction of the dense problem's work (kept pairs; ASC as schedules/bench.py)."""
     import tvm
 
+    from compiler.build import export
     from schedules import attention
     from schedules.bench import WINDOWS, attention_case
     NB, H, c, pns = ATTN["NB"], ATTN["H"], ATTN["c"], ATTN["pns"]
@@ -140,11 +142,11 @@ def build_attention(tvm_target, target: str, out: Path, log) -> dict:
         table[case] = {"win": win.tolist(), "share": share,
                        "work": frac * {None: 1.0, "map": 0.75, "output": 0.5}[share]}
         for kernel, tile in ATTN_KERNELS.items():
-            log(f"compiling attention {kernel} {case} for {target}")
+            log(f"compiling attention {kernel} {case} for {board.name}")
             f = (attention._attention_gpu(NB, H, pns[qs] ** 2, c, L, S, qs, share) if tile is None else
                  attention._attention_tiled(NB, H, pns[qs] ** 2, c, L, S, qs, share, True, *tile))
-            ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}), target=tvm_target)
-            ex.export_library(str(out / f"attn_{kernel}_{case}.so"))
+            ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}), target=board.tvm_target())
+            export(ex, board, out / f"attn_{kernel}_{case}.so")
     return table
 
 
