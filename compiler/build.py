@@ -36,7 +36,7 @@ from compiler.errors import UserError, cli
 from compiler.fileio import ensure_writable_dir
 from device.artifact import write_manifest
 from device.runtime import SCHEMA, VERSION
-from schedules.attention import cache_len, cache_row
+from schedules.kv_layout import cache_len, cache_row
 import targets
 
 COMPILED_SCHEMES = ("fp32", "w8a8", "w4a16", "w4a8")

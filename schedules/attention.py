@@ -38,7 +38,7 @@ from functools import lru_cache
 from tvm import tirx
 from tvm.script import tirx as T
 
-from schedules.kv_layout import KB, cache_len, cache_of, cache_row, key_at, scale_slots, whole_panels  # noqa: F401
+from schedules.kv_layout import KB, cache_row, key_at
 
 NEG_INF = -3.0e38
 KT = 2                # score vectors per step and query row
@@ -329,7 +329,7 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
     vector_values=False: one float at a time (also what shapes that do not split into 4-float
     groups get). The default (None) is 16-byte loads, except for ASC "map": on an H100 at d16's
     last scale the 16-byte loads took 1.35× the time of single floats there (130 against 96 µs;
-    0.75× for the other cases; schedules/gpu_bench.py)."""
+    0.75–0.87× for the other cases; schedules/gpu_bench.py)."""
     vector_keys = share != "map" if vector_keys is None else vector_keys
     vector_values = share != "map" if vector_values is None else vector_values
     assert KT % KB == 0 and KT % TPR == 0, "a key tile is whole panels, split evenly between a row's threads"
@@ -376,14 +376,14 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
             l_sh = T.decl_buffer((threads,), "float32", scope=shared)
             m = T.decl_buffer((NT,), "float32", scope="local")
             l = T.decl_buffer((NT,), "float32", scope="local")             # the sum over this thread's keys
-            acc = T.decl_buffer((NT * cpt * VW,), "float32", scope="local")
-            acc_u = T.decl_buffer((NT * cpt * VW,), "float32", scope="local")   # ASC "map": the other half
+            acc = T.decl_buffer((NT, cpt * VW), "float32", scope="local")    # row-thread slot, channel
+            acc_u = T.decl_buffer((NT, cpt * VW), "float32", scope="local")   # ASC "map": the other half
             for tx in each_thread(threads):
                 m[slot(tx)] = T.float32(NEG_INF)
                 l[slot(tx)] = T.float32(0)
                 for k in T.unroll(cpt * VW):
-                    acc[slot(tx) * cpt * VW + k] = T.float32(0)
-                    acc_u[slot(tx) * cpt * VW + k] = T.float32(0)
+                    acc[slot(tx), k] = T.float32(0)
+                    acc_u[slot(tx), k] = T.float32(0)
                 for e in range(up(QT * c, threads)):
                     if tx + e * threads < QT * c:
                         r = (tx + e * threads) // c
@@ -448,9 +448,9 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
                             p_sh[r * ps + j0 + jj] = wt[0]
                             l[slot(tx)] = l[slot(tx)] + wt[0]
                         for k in T.unroll(cpt * VW):
-                            acc[slot(tx) * cpt * VW + k] = acc[slot(tx) * cpt * VW + k] * corr
+                            acc[slot(tx), k] = acc[slot(tx), k] * corr
                             if share == "map":
-                                acc_u[slot(tx) * cpt * VW + k] = acc_u[slot(tx) * cpt * VW + k] * corr
+                                acc_u[slot(tx), k] = acc_u[slot(tx), k] * corr
                         m[slot(tx)] = mx[0]
                     barrier()
                     for tx in each_thread(threads):
@@ -458,12 +458,12 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
                         for j in range(KT):
                             for k in T.unroll(cpt):
                                 for u in T.vectorized(VW):
-                                    acc[slot(tx) * cpt * VW + k * VW + u] = (
-                                        acc[slot(tx) * cpt * VW + k * VW + u]
+                                    acc[slot(tx), k * VW + u] = (
+                                        acc[slot(tx), k * VW + u]
                                         + p_sh[r * ps + j] * v_sh[j * c + v_channel(k, tx % TPR, u)])
                                     if share == "map":
-                                        acc_u[slot(tx) * cpt * VW + k * VW + u] = (
-                                            acc_u[slot(tx) * cpt * VW + k * VW + u]
+                                        acc_u[slot(tx), k * VW + u] = (
+                                            acc_u[slot(tx), k * VW + u]
                                             + p_sh[r * ps + j] * vu_sh[j * c + v_channel(k, tx % TPR, u)])
             barrier()
             for tx in each_thread(threads):
@@ -479,12 +479,12 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
                     for k in T.unroll(cpt):
                         for u in T.unroll(VW):
                             if channel(k, tx % TPR, u) < c:
-                                out[b, h, i0 + r, channel(k, tx % TPR, u)] = acc[slot(tx) * cpt * VW + k * VW + u] / tot[0]
+                                out[b, h, i0 + r, channel(k, tx % TPR, u)] = acc[slot(tx), k * VW + u] / tot[0]
                                 if share == "map":
                                     out[b + half, h, i0 + r, channel(k, tx % TPR, u)] = (
-                                        acc_u[slot(tx) * cpt * VW + k * VW + u] / tot[0])
+                                        acc_u[slot(tx), k * VW + u] / tot[0])
                                 if share == "output":
                                     out[b + half, h, i0 + r, channel(k, tx % TPR, u)] = (
-                                        acc[slot(tx) * cpt * VW + k * VW + u] / tot[0])
+                                        acc[slot(tx), k * VW + u] / tot[0])
 
     return attention.with_attr("tirx.is_scheduled", True)

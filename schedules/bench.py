@@ -39,7 +39,7 @@ from compiler.lower.layers import padded_rows
 from device.cores import claim_cores
 from compiler.sampler import sample_top_k_top_p
 from device.sampling import make_rng, sample_tokens
-from schedules import attention, conv, groupnorm, matmul, qmatmul, sampling, winograd
+from schedules import attention, conv, groupnorm, kv_layout, matmul, qmatmul, sampling, winograd
 
 SHAPES = {  # width, heads, MLP hidden, vocabulary, patch_nums
     "d16": (1024, 16, 4096, 4096, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
@@ -219,12 +219,12 @@ def attention_engines(width: int, heads: int, pns) -> tuple[dict, dict]:
     """name → call, and name → kept fraction of (query, key) pairs."""
     NB, H, c = 2, heads, width // heads
     S, qs = len(pns), len(pns) - 1
-    n, T_, L = pns[qs] ** 2, sum(p * p for p in pns), attention.cache_len(pns)
+    n, T_, L = pns[qs] ** 2, sum(p * p for p in pns), kv_layout.cache_len(pns)
     rng = np.random.default_rng(0)
     q = (rng.standard_normal((NB, H, n, c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
     kv = (rng.standard_normal((2, NB, H, T_, c)) / np.sqrt(np.sqrt(c))).astype(np.float32)
     out = tvm.runtime.empty((NB, H, n, c), "float32", tvm.cpu())
-    q_t, kv_t, geom_t = tensors(q, attention.cache_of(kv, pns), attention.scale_slots(pns))
+    q_t, kv_t, geom_t = tensors(q, kv_layout.cache_of(kv, pns), kv_layout.scale_slots(pns))
     engines, kept = {}, {}
     cases = [("dense", None, None)] + [(f"MDWA w={w}", w, None) for w in WINDOWS]
     cases += [(f"MDWA w={WINDOWS[1]} + ASC {s}", WINDOWS[1], s) for s in ("map", "output")]

@@ -10,7 +10,7 @@ import tvm
 from compiler.compress.mdwa import scale_mask
 from compiler.compress.quant import W4A8, W4A16, W8A8, pack_int4, quantize_per_token_int8
 from compiler.errors import UserError
-from schedules import attention, matmul, qmatmul
+from schedules import attention, kv_layout, matmul, qmatmul
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 DEV = tvm.cpu()
@@ -204,10 +204,10 @@ def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c, kernel, qs):
     split scale 3's rows and keys into several tiles."""
     pns = [1, 2, 3, 4]
     S, H, NB = 4, 3, 4
-    L, n = attention.cache_len(pns), pns[qs] ** 2
+    L, n = kv_layout.cache_len(pns), pns[qs] ** 2
     q, kv, win = attention_problem(pns, qs, c, H, NB)
     func = KERNELS[kernel](NB, H, n, c, L, S, qs, share)
-    (out,) = run(func, q, attention.cache_of(kv, pns), win, attention.scale_slots(pns), out=[((NB, H, n, c), "float32")])
+    (out,) = run(func, q, kv_layout.cache_of(kv, pns), win, kv_layout.scale_slots(pns), out=[((NB, H, n, c), "float32")])
     np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
 
 
@@ -219,10 +219,10 @@ def test_tiled_cuda_attention_over_several_row_and_key_tiles(share, c):
     32 in 4-float groups (2 per thread)."""
     pns = [1, 2, 4, 6, 8]
     S, H, NB, qs = 5, 3, 2, 4
-    L, n = attention.cache_len(pns), pns[qs] ** 2
+    L, n = kv_layout.cache_len(pns), pns[qs] ** 2
     q, kv, win = attention_problem(pns, qs, c, H, NB)
     func = KERNELS["cuda-tiled"](NB, H, n, c, L, S, qs, share)
-    (out,) = run(func, q, attention.cache_of(kv, pns), win, attention.scale_slots(pns), out=[((NB, H, n, c), "float32")])
+    (out,) = run(func, q, kv_layout.cache_of(kv, pns), win, kv_layout.scale_slots(pns), out=[((NB, H, n, c), "float32")])
     np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
 
 
@@ -237,7 +237,7 @@ def test_tiled_cuda_attention_compiles_for_orin_with_shared_tiles_and_16_byte_lo
     import targets
     from compiler.build import find_nvcc
     pns = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-    f = attention.windowed_attention(2, 16, 256, 64, attention.cache_len(pns), 10, 9, share, gpu="cuda")
+    f = attention.windowed_attention(2, 16, 256, 64, kv_layout.cache_len(pns), 10, 9, share, gpu="cuda")
     ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}),
                      target=targets.load("jetson-orin").tvm_target())
     src = ex.mod.imports[0].inspect_source("")
@@ -259,11 +259,11 @@ def test_kv_write_fills_only_its_scale():
     k = np.random.default_rng(0).standard_normal((NB, H, n, c)).astype(np.float32)
     f = attention.kv_write(NB, H, n, c, L, begin).with_attr("global_symbol", "f")
     ex = tvm.compile(tvm.IRModule({"f": f}), target=TARGET)
-    kv_t = tvm.runtime.tensor(attention.cache_of(before), DEV)
+    kv_t = tvm.runtime.tensor(kv_layout.cache_of(before), DEV)
     ex["f"](kv_t, tvm.runtime.tensor(k, DEV), tvm.runtime.tensor(-k, DEV))
     want = before.copy()
     want[0, :, :, begin:begin + n], want[1, :, :, begin:begin + n] = k, -k
-    np.testing.assert_array_equal(kv_t.numpy(), attention.cache_of(want))
+    np.testing.assert_array_equal(kv_t.numpy(), kv_layout.cache_of(want))
 
 
 def test_fast_exp_is_as_accurate_as_float32_exp():

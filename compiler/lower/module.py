@@ -24,7 +24,7 @@ from tvm.relax.frontend.nn import op, spec
 from compiler.lower.layers import placeholder
 from compiler.lower.var_graph import VARGraph
 from compiler.lower.vqvae_graph import VQVAEGraph
-from schedules.attention import cache_len, cache_row
+from schedules.kv_layout import cache_len, cache_row
 from schedules.sampling import sample_rows
 
 
@@ -77,7 +77,7 @@ class GenerationModule(nn.Module):
         cfg, B = self.cfg, batch
         NB, C, P = 2 * B, cfg.width, cfg.patch_nums[-1]
         f32 = "float32"
-        row = cache_row(cache_len(cfg.patch_nums), cfg.head_dim)   # key panels, then values (schedules/attention.py)
+        row = cache_row(cache_len(cfg.patch_nums), cfg.head_dim)   # key panels, then values (schedules/kv_layout.py)
         kv = {f"kv_{d}": spec.Tensor([2, NB, cfg.heads, row], f32) for d in range(cfg.depth)}
         f_hat = spec.Tensor([B, cfg.cvae, P, P], f32)
         plain = {"$": {"param_mode": "plain", "effect_mode": "none"}}

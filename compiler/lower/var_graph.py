@@ -23,6 +23,7 @@ from compiler.lower.layers import Dense, pad_rows, padded_rows, placeholder, unp
 from compiler.lower.params import param
 from compiler.model.var import LN_EPS, MAX_SCALE_MUL, VAR
 from schedules import attention as attn_kernels
+from schedules import kv_layout
 
 
 def _layer_norm(x, C):
@@ -67,14 +68,14 @@ class Attention(nn.Module):
 
     def forward(self, x, kv, si: int, geom, cfg):
         NB, n = int(x.shape[0]), int(x.shape[1])
-        H, c, L, S = self.heads, self.head_dim, attn_kernels.cache_len(cfg.patch_nums), len(cfg.patch_nums)
+        H, c, L, S = self.heads, self.head_dim, kv_layout.cache_len(cfg.patch_nums), len(cfg.patch_nums)
         qkv = op.reshape(self.mat_qkv(x), [NB, n, 3, H, c])
         q, k, v = op.split(op.permute_dims(qkv, [2, 0, 3, 1, 4]), 3, axis=0)
         q, k, v = (op.reshape(t, [NB, H, n, c]) for t in (q, k, v))
         norm = lambda t: op.divide(t, op.sqrt(op.sum(op.square(t), axis=-1, keepdims=True)).maximum(1e-12))
         q = op.multiply(norm(q), self.scale_mul)
         k = norm(k)
-        begin = int(attn_kernels.scale_slots(cfg.patch_nums)[si, 0])
+        begin = int(kv_layout.scale_slots(cfg.patch_nums)[si, 0])
         kv = op.tensor_ir_inplace_op(attn_kernels.kv_write(NB, H, n, c, L, begin), "kv_write", [kv, k, v],
                                      inplace_indices=[0], out=placeholder(kv.shape))
         share = self.mode if self.share[si] else None
@@ -143,7 +144,7 @@ class VARGraph(nn.Module):
         self.head_ada_lin = Dense(var.head_nm.ada_lin[1], gpu=gpu, int_dot=int_dot)
         self.head = Dense(var.head, gpu=gpu, int_dot=int_dot)
         self.word_embed = Dense(var.word_embed, gpu=gpu, int_dot=int_dot)
-        self.geom = param(attn_kernels.scale_slots(cfg.patch_nums))
+        self.geom = param(kv_layout.scale_slots(cfg.patch_nums))
 
     def lvl_pos_slice(self, si: int):
         b, e = self.cfg.begin_ends[si]
