@@ -130,7 +130,7 @@ class CompiledVAR:
         self.patch_nums = model["patch_nums"]
         self.batch = m["batch"]
         self.num_classes = model["num_classes"]
-        # the layout is the kernels' business (schedules/attention.py); zeros: the padding is read, never used
+        # the layout is the kernels' business (schedules/kv_layout.py); zeros: the padding is read, never used
         self.kv = [tvm.runtime.tensor(np.zeros(m["kv_shape"], np.float32), self.dev) for _ in range(model["depth"])]
         self.f_hat_shape = (self.batch, model["cvae"], self.patch_nums[-1], self.patch_nums[-1])
         # sample_<s> in the module (CPU builds): the draws run in the kernels' thread pool, and over
