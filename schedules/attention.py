@@ -29,7 +29,7 @@ walks each key scale's union run in tiles of 16 keys staged in shared memory (ke
 panels, values row-major, both read once per block instead of once per row), computes a 16 × 16
 score tile, the online-softmax rescale per row, and acc += p·V with each thread holding a
 quarter of the row's channels. OpenCL (Mali, whose local memory is ordinary memory): one thread
-per row with a per-key online softmax.
+per row, 4 keys per step in 16-byte loads from their panel (_attention_rows).
 """
 from __future__ import annotations
 
@@ -111,24 +111,34 @@ def signature(NB: int, H: int, n: int, c: int, L: int, S: int):
 
 
 def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
-                       share: str | None = None, gpu: str | bool = False):
+                       share: str | None = None, gpu: str | bool = False, map_bits: int | None = None):
     """out NB×H×n×c = softmax(q·kᵀ over kept keys)·v for query scale `qs`, on a cache of L places.
 
     Tables: win S×H×S int32 (window per query scale, head, key scale; −1 dense, 0 dropped) and
     geom S×2 int32 (scale_slots: first place and token count of each scale). `share`: None, "map"
     or "output". `gpu`: False (CPU), "cuda" (the tiled kernel) or another GPU API (one thread
-    per row)."""
-    kernel = _attention_tiled if gpu == "cuda" else _attention_gpu if gpu else _attention_cpu
-    return kernel(NB, H, n, c, L, S, qs, share)
+    per row). `map_bits`: a plan's 8-bit attention (the CPU kernel, or the per-row one on GPUs)."""
+    if map_bits is not None and gpu:
+        return _attention_rows(NB, H, n, c, L, S, qs, share, map_bits=map_bits)
+    if gpu:
+        return (_attention_tiled if gpu == "cuda" else _attention_rows)(NB, H, n, c, L, S, qs, share)
+    return _attention_cpu(NB, H, n, c, L, S, qs, share, map_bits)
 
 
 @lru_cache(maxsize=None)
-def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None):
+def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None,
+                   map_bits: int | None = None):
+    """The CPU kernel (module docstring). map_bits=8: a plan's 8-bit attention, rounded as the
+    per-row kernel does it (_attention_rows): a first walk over the key scales scores them,
+    keeps the scores of every scale and finds each row's max and sum; a second turns the kept
+    scores into weights on the row's grid and adds them times v."""
     half = NB // 2 if share else NB
     blocks = (n + QB - 1) // QB                  # query blocks per (batch, head)
     lanes = KB if c % KB == 0 else 1
     cw = 2 * lanes if c % (2 * lanes) == 0 else lanes   # channels per p·V pass: QB × cw/8 accumulators
     steps = lambda cnt, size: (cnt + size - 1) // size  # noqa: E731
+    quantized = map_bits is not None
+    levels = float(2 ** map_bits - 1) if quantized else 1.0   # (walk 1 never runs unquantized)
 
     @T.macro
     def score_step(q, kv, sc, s8, b, h, i0, key, at, nv):
@@ -149,6 +159,33 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                 for u in T.vectorized(KB):
                     sc[r, at + t * KB + u] = s8[r, t, u]
 
+    @T.macro
+    def add_weighted_values(kv, sc, pv, acc, acc_u, b, h, base, skip, cnt, at):
+        """acc += p·V over the run (weights sc[:, at:]), cw channels at a time: each value vector
+        loaded once for all rows."""
+        for ch in range(c // cw):
+            for r in T.unroll(QB):
+                for u in T.vectorized(cw):
+                    pv[r, u] = T.float32(0)
+            for j in range(skip, cnt):
+                for r in T.unroll(QB):
+                    for u in T.vectorized(cw):
+                        pv[r, u] = pv[r, u] + sc[r, at + j] * kv[1, b, h, (base + j) * c + ch * cw + u]
+            for r in T.unroll(QB):
+                for u in T.vectorized(cw):
+                    acc[r, ch * cw + u] = acc[r, ch * cw + u] + pv[r, u]
+            if share == "map":
+                for r in T.unroll(QB):
+                    for u in T.vectorized(cw):
+                        pv[r, u] = T.float32(0)
+                for j in range(skip, cnt):
+                    for r in T.unroll(QB):
+                        for u in T.vectorized(cw):
+                            pv[r, u] = pv[r, u] + sc[r, at + j] * kv[1, b + half, h, (base + j) * c + ch * cw + u]
+                for r in T.unroll(QB):
+                    for u in T.vectorized(cw):
+                        acc_u[r, ch * cw + u] = acc_u[r, ch * cw + u] + pv[r, u]
+
     Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
 
     @T.prim_func(private=True)
@@ -161,7 +198,9 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
             m = T.decl_buffer((QB,), "float32", scope="local")
             l = T.decl_buffer((QB,), "float32", scope="local")
             corr = T.decl_buffer((QB,), "float32", scope="local")
-            sc = T.decl_buffer((QB, L + 2 * STEP), "float32", scope="local")   # scores, then weights, of one run
+            # scores, then weights, of one run (8-bit attention: of every scale's run, one after another)
+            sc = T.decl_buffer((QB, L + 2 * STEP * (S if quantized else 1)), "float32", scope="local")
+            off = T.decl_buffer((1,), "int32", scope="local")                 # 8-bit: where this run's start
             s8 = T.decl_buffer((QB, KT, KB), "float32", scope="local")
             red = T.decl_buffer((KB,), "float32", scope="local")
             pv = T.decl_buffer((QB, cw), "float32", scope="local")
@@ -173,70 +212,81 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                 for cc in T.vectorized(c):
                     acc[r, cc] = T.float32(0)
                     acc_u[r, cc] = T.float32(0)
-            for ks in range(qs + 1):
-                w = win[qs, h, ks]
-                nk = geom[ks, 1]
-                skip, lo, cnt = union_run(i0, QB, n, nk, w, geom[ks, 0])   # once for the block's rows
-                base = geom[ks, 0] + lo
-                if cnt > skip:
-                    # scores: QB rows × 16 keys per step (the last step 8 if that covers the run)
-                    nv = steps(cnt, KB)
-                    for jb in range(nv // KT):
-                        score_step(q, kv, sc, s8, b, h, i0, base + jb * STEP, jb * STEP, KT)
-                    if nv % KT != 0:
-                        score_step(q, kv, sc, s8, b, h, i0, base + (nv - 1) * KB, (nv - 1) * KB, 1)
-                    # per row: its own run inside the union, the online-softmax rescale, the weights
-                    for r in range(QB):
-                        row_lo, row_hi = key_run(T.min(i0 + r, n - 1), n, nk, w)
-                        for u in T.vectorized(KB):
-                            red[u] = T.float32(NEG_INF)
-                        for jb in range(steps(cnt, KB)):
-                            for u in T.vectorized(KB):
-                                red[u] = T.max(red[u], T.Select(
-                                    (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
-                                    sc[r, jb * KB + u], T.float32(NEG_INF)))
-                        m_new = T.max(m[r], T.max(T.max(T.max(red[0], red[1]), T.max(red[2], red[3])),
-                                                  T.max(T.max(red[4], red[5]), T.max(red[6], red[7]))))
-                        corr[r] = fast_exp(m[r] - m_new)
-                        for u in T.vectorized(KB):
-                            red[u] = T.float32(0)
-                        for jb in range(steps(cnt, KB)):
-                            for u in T.vectorized(KB):
-                                # Select, not if_then_else: TVM scalarises a vector if_then_else
-                                sc[r, jb * KB + u] = T.Select(
-                                    (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
-                                    fast_exp(sc[r, jb * KB + u] - m_new), T.float32(0))
-                                red[u] = red[u] + sc[r, jb * KB + u]
-                        l[r] = l[r] * corr[r] + (red[0] + red[1] + red[2] + red[3] + red[4] + red[5] + red[6] + red[7])
-                        m[r] = m_new
-                        for cc in T.vectorized(c):
-                            acc[r, cc] = acc[r, cc] * corr[r]
-                        if share == "map":
-                            for cc in T.vectorized(c):
-                                acc_u[r, cc] = acc_u[r, cc] * corr[r]
-                    # acc += p·V, cw channels at a time: each value vector loaded once for all rows
-                    for ch in range(c // cw):
-                        for r in T.unroll(QB):
-                            for u in T.vectorized(cw):
-                                pv[r, u] = T.float32(0)
-                        for j in range(skip, cnt):
-                            for r in T.unroll(QB):
-                                for u in T.vectorized(cw):
-                                    pv[r, u] = pv[r, u] + sc[r, j] * kv[1, b, h, (base + j) * c + ch * cw + u]
-                        for r in T.unroll(QB):
-                            for u in T.vectorized(cw):
-                                acc[r, ch * cw + u] = acc[r, ch * cw + u] + pv[r, u]
-                        if share == "map":
-                            for r in T.unroll(QB):
-                                for u in T.vectorized(cw):
-                                    pv[r, u] = T.float32(0)
-                            for j in range(skip, cnt):
-                                for r in T.unroll(QB):
-                                    for u in T.vectorized(cw):
-                                        pv[r, u] = pv[r, u] + sc[r, j] * kv[1, b + half, h, (base + j) * c + ch * cw + u]
-                            for r in T.unroll(QB):
-                                for u in T.vectorized(cw):
-                                    acc_u[r, ch * cw + u] = acc_u[r, ch * cw + u] + pv[r, u]
+            for walk in T.unroll(2 if quantized else 1):   # unrolled: each walk without the other's branches
+                off[0] = 0
+                if walk == 1:
+                    # the weights are e·(1/l), e = exp(s − max); the largest is 1/l, so the grid's
+                    # unit is (1/l)/levels and a weight's level round(levels·e), no division
+                    for r in T.unroll(QB):
+                        corr[r] = T.max(T.float32(1) / (l[r] * T.float32(levels)), T.float32(1e-12))
+                for ks in range(qs + 1):
+                    w = win[qs, h, ks]
+                    nk = geom[ks, 1]
+                    skip, lo, cnt = union_run(i0, QB, n, nk, w, geom[ks, 0])   # once for the block's rows
+                    base = geom[ks, 0] + lo
+                    at = T.meta_var(off[0] if quantized else 0)            # the run's scores: sc[:, at:]
+                    if cnt > skip:
+                        # scores: QB rows × 16 keys per step (the last step 8 if that covers the run)
+                        nv = steps(cnt, KB)
+                        if walk == 0:
+                            for jb in range(nv // KT):
+                                score_step(q, kv, sc, s8, b, h, i0, base + jb * STEP, at + jb * STEP, KT)
+                            if nv % KT != 0:
+                                score_step(q, kv, sc, s8, b, h, i0, base + (nv - 1) * KB, at + (nv - 1) * KB, 1)
+                        # per row: its own run inside the union, the online-softmax rescale, the
+                        # weights (second walk of 8-bit attention: the weights on the row's grid)
+                        for r in range(QB):
+                            row_lo, row_hi = key_run(T.min(i0 + r, n - 1), n, nk, w)
+                            if walk == 1:
+                                for jb in range(steps(cnt, KB)):
+                                    for u in T.vectorized(KB):
+                                        sc[r, at + jb * KB + u] = T.Select(
+                                            (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
+                                            T.nearbyint(fast_exp(sc[r, at + jb * KB + u] - m[r]) * T.float32(levels))
+                                            * corr[r], T.float32(0))
+                            else:
+                                for u in T.vectorized(KB):
+                                    red[u] = T.float32(NEG_INF)
+                                for jb in range(steps(cnt, KB)):
+                                    for u in T.vectorized(KB):
+                                        red[u] = T.max(red[u], T.Select(
+                                            (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
+                                            sc[r, at + jb * KB + u], T.float32(NEG_INF)))
+                                m_new = T.max(m[r], T.max(T.max(T.max(red[0], red[1]), T.max(red[2], red[3])),
+                                                          T.max(T.max(red[4], red[5]), T.max(red[6], red[7]))))
+                                corr[r] = fast_exp(m[r] - m_new)
+                                for u in T.vectorized(KB):
+                                    red[u] = T.float32(0)
+                                for jb in range(steps(cnt, KB)):
+                                    for u in T.vectorized(KB):
+                                        # Select, not if_then_else: TVM scalarises a vector if_then_else
+                                        if quantized:     # the scores stay for the second walk
+                                            red[u] = red[u] + T.Select(
+                                                (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
+                                                fast_exp(sc[r, at + jb * KB + u] - m_new), T.float32(0))
+                                        else:
+                                            sc[r, at + jb * KB + u] = T.Select(
+                                                (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
+                                                fast_exp(sc[r, at + jb * KB + u] - m_new), T.float32(0))
+                                            red[u] = red[u] + sc[r, at + jb * KB + u]
+                                l[r] = l[r] * corr[r] + (red[0] + red[1] + red[2] + red[3]
+                                                         + red[4] + red[5] + red[6] + red[7])
+                                m[r] = m_new
+                                if not quantized:
+                                    for cc in T.vectorized(c):
+                                        acc[r, cc] = acc[r, cc] * corr[r]
+                                    if share == "map":
+                                        for cc in T.vectorized(c):
+                                            acc_u[r, cc] = acc_u[r, cc] * corr[r]
+                        if quantized:
+                            if walk == 1:
+                                add_weighted_values(kv, sc, pv, acc, acc_u, b, h, base, skip, cnt, at)
+                            off[0] = off[0] + nv * KB
+                        else:
+                            add_weighted_values(kv, sc, pv, acc, acc_u, b, h, base, skip, cnt, at)
+            if quantized:
+                for r in T.unroll(QB):
+                    l[r] = T.float32(1)      # the rounded weights already carry 1/l
             for r in range(QB):
                 if i0 + r < n:
                     for cc in T.vectorized(c):
@@ -251,63 +301,159 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
     return attention.with_attr("tirx.is_scheduled", True)
 
 
+def rows_launch(NB: int, H: int, n: int, share: str | None, threads: int = 64) -> tuple[int, int]:
+    """(blocks, threads) of the per-row kernel: a thread per query row of the half it computes."""
+    rows = (NB // 2 if share else NB) * H * n
+    return (rows + threads - 1) // threads, threads
+
+
 @lru_cache(maxsize=None)
-def _attention_gpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None,
-                   threads: int = 64, bound: bool = True):
-    """bound=False: the same loops unbound, so that tests can run the GPU variant on a CPU."""
+def _attention_rows(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None,
+                    threads: int = 64, bound: bool | str = True, vector: bool = True,
+                    map_bits: int | None = None):
+    """The OpenCL kernel (and CUDA's per-row comparison in gpu_bench): one thread per query row,
+    no shared memory, so nothing relies on a large local memory (Mali's is ordinary memory).
+
+    A step scores KG = 4 consecutive keys of the row's run: each channel of them is one 16-byte
+    load from the key's panel, each 4 channels of q another, 16 multiply-adds for 5 loads; one
+    softmax rescale per step, then p·V by 16-byte loads of value rows. A step starts at a
+    multiple of 4 places (scales start at panels), and the keys before the run or after it are
+    masked; their values are never read (a padding place may hold anything). The buffers are
+    read through int32-indexed views: 64-bit index arithmetic is slow on GPUs, and a cache is far
+    below 2³¹ floats. vector=False: one key and one float per load (the previous kernel's loads).
+
+    map_bits=8: a plan's 8-bit attention (quant.attention_bits; q, k and v arrive already on
+    their per-token grids): each row's softmax weights are rounded to the unsigned grid of the
+    row's largest weight, as compiler/compress/quant.py's quantize_map does. The grid needs the
+    row's final max and sum, so the row is walked twice: scores, max and sum; then scores again,
+    the weights rounded, times v. It runs on every target (CPUs too: bound="cpu").
+
+    bound: True (GPU threads), "cpu" (blocks of rows as parallel CPU tasks), False (serial
+    loops, so that tests run the GPU variant on a CPU)."""
     half = NB // 2 if share else NB
     rows = half * H * n
-    blocks = (rows + threads - 1) // threads
-    outer = (lambda e: T.thread_binding(e, thread="blockIdx.x")) if bound else T.serial  # noqa: E731
-    inner = (lambda e: T.thread_binding(e, thread="threadIdx.x")) if bound else T.serial  # noqa: E731
+    blocks = rows_launch(NB, H, n, share, threads)[0]
+    KG = KB // 2 if vector else 1                 # keys per step: one 16-byte load of a panel
+    VW = 4 if vector and c % 4 == 0 else 1        # channels per load of q and of a value row
+    R = cache_row(L, c)
+    quantized = map_bits is not None              # a Python bool: the branches below are static
+    levels = float(2 ** map_bits - 1) if quantized else 1.0   # (walk 1 never runs unquantized)
+    assert 2 * NB * H * R < 2 ** 31, "the int32 views need a cache below 2³¹ floats"
+    outer = (lambda e: T.thread_binding(e, thread="blockIdx.x")) if bound is True else (  # noqa: E731
+        T.parallel if bound == "cpu" else T.serial)
+    inner = (lambda e: T.thread_binding(e, thread="threadIdx.x")) if bound is True else T.serial  # noqa: E731
+
+    @T.macro
+    def score(qf, kvf, sc, qv, qrow, keys, grp, first, lo, hi):
+        """sc = q·k of the KG keys at places grp·KG …, keys first … of their scale; −∞ outside
+        [lo, hi). The panel offset is written so that TVM can prove it a multiple of KG (vector
+        loads): lane grp % (KB/KG) of panel grp // (KB/KG)."""
+        for e in T.vectorized(KG):
+            sc[e] = T.float32(0)
+        for g in range(c // VW):
+            for u in T.vectorized(VW):
+                qv[u] = qf[qrow + g * VW + u]
+            for u in T.unroll(VW):
+                for e in T.vectorized(KG):
+                    sc[e] = sc[e] + qv[u] * kvf[keys + grp // (KB // KG) * (KB * c) + (g * VW + u) * KB
+                                                + grp % (KB // KG) * KG + e]
+        for e in T.unroll(KG):
+            sc[e] = T.Select((first + e >= lo) & (first + e < hi), sc[e], T.float32(NEG_INF))
 
     Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
 
     @T.prim_func(private=True)
     def attention(q: Q, kv: Cache, win: Windows, geom: Geom, out: Out):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        qf = T.decl_buffer((NB * H * n * c,), "float32", data=q.data)
+        kvf = T.decl_buffer((2 * NB * H * R,), "float32", data=kv.data)
+        outf = T.decl_buffer((NB * H * n * c,), "float32", data=out.data)
         for bx in outer(blocks):
             for tx in inner(threads):
-                r = bx * threads + tx
-                if r < rows:
-                    b = r // (H * n)
-                    h = r // n % H
-                    i = r % n
+                if bx * threads + tx < rows:
+                    # aliases, not variables: offsets kept as expressions keep the loads vectors
+                    r = T.meta_var(bx * threads + tx)
+                    h = T.meta_var(r // n % H)
+                    i = T.meta_var(r % n)
+                    qrow = T.meta_var(r * c)                            # q and out of row r
+                    keys = T.meta_var(r // n * R)                       # keys row of (b, h)
+                    vals = T.meta_var((NB * H + r // n) * R)            # values row of (b, h)
+                    vals_u = T.meta_var(((NB + half) * H + r // n) * R)  # ASC "map": the other half's
                     m = T.decl_buffer((1,), "float32", scope="local")
                     l = T.decl_buffer((1,), "float32", scope="local")
-                    s = T.decl_buffer((1,), "float32", scope="local")
+                    mx = T.decl_buffer((1,), "float32", scope="local")
+                    corr = T.decl_buffer((1,), "float32", scope="local")
+                    p = T.decl_buffer((1,), "float32", scope="local")
+                    sc = T.decl_buffer((KG,), "float32", scope="local")
+                    qv = T.decl_buffer((VW,), "float32", scope="local")
                     acc = T.decl_buffer((c,), "float32", scope="local")
-                    acc_u = T.decl_buffer((c,), "float32", scope="local")
+                    acc_u = T.decl_buffer((c if share == "map" else 1,), "float32", scope="local")
                     m[0] = T.float32(NEG_INF)
                     l[0] = T.float32(0)
-                    for cc in range(c):
-                        acc[cc] = T.float32(0)
-                        acc_u[cc] = T.float32(0)
+                    for g in range(c // VW):
+                        for u in T.vectorized(VW):
+                            acc[g * VW + u] = T.float32(0)
+                            if share == "map":
+                                acc_u[g * VW + u] = T.float32(0)
                     for ks in range(qs + 1):
                         lo, hi = key_run(i, n, geom[ks, 1], win[qs, h, ks])
-                        beg = geom[ks, 0]
-                        for j in range(lo, hi):
-                            s[0] = T.float32(0)
-                            for cc in range(c):
-                                s[0] = s[0] + q[b, h, i, cc] * kv[0, b, h, key_at(beg + j, cc, c)]
-                            m_new = T.max(m[0], s[0])
-                            corr = T.exp(m[0] - m_new)
-                            p = T.exp(s[0] - m_new)
-                            l[0] = l[0] * corr + p
-                            for cc in range(c):
-                                acc[cc] = acc[cc] * corr + p * kv[1, b, h, (beg + j) * c + cc]
+                        for step in range(lo // KG, (hi + KG - 1) // KG):
+                            grp = T.meta_var(geom[ks, 0] // KG + step)   # places grp·KG …
+                            score(qf, kvf, sc, qv, qrow, keys, grp, step * KG, lo, hi)
+                            mx[0] = m[0]
+                            for e in T.unroll(KG):
+                                mx[0] = T.max(mx[0], sc[e])
+                            corr[0] = T.exp(m[0] - mx[0])
+                            l[0] = l[0] * corr[0]
+                            if quantized:   # first walk: the max and the sum only
+                                for e in T.unroll(KG):
+                                    l[0] = l[0] + T.Select(sc[e] > T.float32(NEG_INF), T.exp(sc[e] - mx[0]),
+                                                           T.float32(0))
+                            else:
+                                for g in range(c // VW):
+                                    for u in T.vectorized(VW):
+                                        acc[g * VW + u] = acc[g * VW + u] * corr[0]
+                                        if share == "map":
+                                            acc_u[g * VW + u] = acc_u[g * VW + u] * corr[0]
+                                for e in T.unroll(KG):
+                                    if (step * KG + e >= lo) & (step * KG + e < hi):
+                                        p[0] = T.exp(sc[e] - mx[0])
+                                        l[0] = l[0] + p[0]
+                                        for g in range(c // VW):
+                                            for u in T.vectorized(VW):
+                                                acc[g * VW + u] = acc[g * VW + u] + p[0] * kvf[
+                                                    vals + (grp * KG + e) * c + g * VW + u]
+                                                if share == "map":
+                                                    acc_u[g * VW + u] = acc_u[g * VW + u] + p[0] * kvf[
+                                                        vals_u + (grp * KG + e) * c + g * VW + u]
+                            m[0] = mx[0]
+                    if quantized:
+                        # the weights are e·(1/l), e = exp(s − max); the largest is 1/l, so the
+                        # grid's unit is (1/l)/levels and a weight's level round(levels·e)
+                        corr[0] = T.max(T.float32(1) / (l[0] * T.float32(levels)), T.float32(1e-12))
+                        for ks in range(qs + 1):
+                            lo, hi = key_run(i, n, geom[ks, 1], win[qs, h, ks])
+                            for step in range(lo // KG, (hi + KG - 1) // KG):
+                                grp = T.meta_var(geom[ks, 0] // KG + step)
+                                score(qf, kvf, sc, qv, qrow, keys, grp, step * KG, lo, hi)
+                                for e in T.unroll(KG):
+                                    if (step * KG + e >= lo) & (step * KG + e < hi):
+                                        p[0] = T.nearbyint(T.exp(sc[e] - m[0]) * T.float32(levels)) * corr[0]
+                                        for g in range(c // VW):
+                                            for u in T.vectorized(VW):
+                                                acc[g * VW + u] = acc[g * VW + u] + p[0] * kvf[
+                                                    vals + (grp * KG + e) * c + g * VW + u]
+                                                if share == "map":
+                                                    acc_u[g * VW + u] = acc_u[g * VW + u] + p[0] * kvf[
+                                                        vals_u + (grp * KG + e) * c + g * VW + u]
+                        l[0] = T.float32(1)    # the rounded weights already carry 1/l
+                    for g in range(c // VW):
+                        for u in T.vectorized(VW):
+                            outf[qrow + g * VW + u] = acc[g * VW + u] / l[0]
                             if share == "map":
-                                for cc in range(c):
-                                    acc_u[cc] = acc_u[cc] * corr + p * kv[1, b + half, h, (beg + j) * c + cc]
-                            m[0] = m_new
-                    for cc in range(c):
-                        out[b, h, i, cc] = acc[cc] / l[0]
-                    if share == "map":
-                        for cc in range(c):
-                            out[b + half, h, i, cc] = acc_u[cc] / l[0]
-                    if share == "output":
-                        for cc in range(c):
-                            out[b + half, h, i, cc] = acc[cc] / l[0]
+                                outf[(half * H * n + r) * c + g * VW + u] = acc_u[g * VW + u] / l[0]
+                            if share == "output":
+                                outf[(half * H * n + r) * c + g * VW + u] = acc[g * VW + u] / l[0]
 
     return attention.with_attr("tirx.is_scheduled", True)
 

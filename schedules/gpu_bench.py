@@ -1,8 +1,13 @@
-"""Kernels on a CUDA GPU, side by side: W8A8 matmuls (our dp4a kernel, DLight's int8 matmul, an
+"""Kernels on a GPU, side by side. CUDA: W8A8 matmuls (our dp4a kernel, DLight's int8 matmul, an
 fp32 matmul) and attention at d16's last scale (the tiled kernel, the one-thread-per-row kernel).
+OpenCL (Mali): the attention kernel with 16-byte loads against the same kernel one float at a time.
 
     python -m schedules.gpu_bench build --target h100 --out DIR   # here: one library per kernel and shape
     python -m schedules.gpu_bench run DIR                         # on the GPU machine (TVM runtime + numpy)
+
+An OpenCL target (`--target mali-g610`) writes the kernels' OpenCL C instead of libraries, and
+`run` launches them through pyopencl on the first OpenCL device it finds (libmali on the board,
+PoCL on a PC), so the board needs neither TVM nor an OpenCL build of its runtime.
 
 Matmuls: d16's shapes at the last scales (qkv, proj, fc2), activations already quantized; `run`
 checks each int8 kernel against the exact integer product (numpy int64) scaled as the
@@ -18,6 +23,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +40,7 @@ ATTN_KERNELS = {   # name → (query rows, keys, threads per row, 4-float key lo
     "tiled": (16, 16, 4, None, None), "tiled_scalar": (16, 16, 4, False, False),
     "tiled_vector": (16, 16, 4, True, True), "tiled_32x32x4": (32, 32, 4, None, None),
     "tiled_16x32x8": (16, 32, 8, None, None), "rows": None}
+OPENCL_KERNELS = {"rows": True, "rows_scalar": False}   # name → 16-byte loads (the build's kernel) or not
 
 
 def attention_inputs():
@@ -78,8 +85,10 @@ def build(target: str, out: Path, log=print):
     from schedules import qmatmul
 
     board = targets.load(target)
-    if board.device != "cuda":
-        raise UserError(f"--target {target}: runs kernels on {board.device}; this benchmark is for CUDA boards")
+    if board.device not in ("cuda", "opencl"):
+        raise UserError(f"--target {target}: runs kernels on {board.device}; this benchmark is for GPU boards")
+    if board.device == "opencl":
+        return build_opencl(board, out, log)
     check_cross_compiler(board)
     tvm_target = board.tvm_target()
 
@@ -98,11 +107,7 @@ def build(target: str, out: Path, log=print):
                 return op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw)
             return op.matmul(op.multiply(op.astype(xq, "float32"), sx), self.w)
 
-    if out.exists() and not (out / "shapes.json").is_file():
-        raise UserError(f"{out}: exists and is not a gpu_bench directory; not overwriting it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))   # renamed onto `out` when complete
-    try:
+    with new_dir(out) as tmp:
         for M, K, O in SHAPES:
             _, _, q, s = inputs(M, K, O)
             for kind in KINDS:
@@ -115,13 +120,155 @@ def build(target: str, out: Path, log=print):
         cases = build_attention(board, tmp, log)
         (tmp / "shapes.json").write_text(json.dumps({"target": target, "shapes": SHAPES, "kinds": KINDS,
                                                      "attention": cases}))
+    log(f"wrote {out}")
+
+
+@contextmanager
+def new_dir(out: Path):
+    """A temporary directory beside `out`, renamed onto it when the block completes."""
+    if out.exists() and not (out / "shapes.json").is_file():
+        raise UserError(f"{out}: exists and is not a gpu_bench directory; not overwriting it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def attention_cases():
+    """case → (window of the banded key scales or None, ASC share mode), as schedules/bench.py."""
+    from schedules.bench import WINDOWS
+    cases = {"dense": (None, None)} | {f"w{w}": (w, None) for w in WINDOWS}
+    return cases | {f"w{WINDOWS[1]}_asc_{m}": (WINDOWS[1], m) for m in ("map", "output")}
+
+
+def case_table(window, share) -> dict:
+    """A case's window table, share mode and fraction of the dense problem's work (kept pairs)."""
+    from schedules.bench import attention_case
+    win, frac, _ = attention_case(ATTN["H"] * ATTN["c"], ATTN["H"], ATTN["pns"], window)
+    return {"win": win.tolist(), "share": share, "work": frac * {None: 1.0, "map": 0.75, "output": 0.5}[share]}
+
+
+def opencl_kernel(func, board) -> dict:
+    """A TIR kernel as OpenCL C and what launching it takes: the kernel's name and its
+    parameters in order (TVM orders them itself), for pyopencl."""
+    import re
+
+    import tvm
+    ex = tvm.compile(tvm.IRModule({"f": func.with_attr("global_symbol", "f")}), target=board.tvm_target())
+    mods, src = [ex.mod], None
+    while mods:
+        m = mods.pop()
+        src = m.inspect_source("") if m.kind == "opencl" else src
+        mods.extend(m.imports)
+    kernels = re.findall(r"__kernel void (\w+)\(([^)]*)\)\s*\{", src or "")
+    if len(kernels) != 1:
+        raise UserError(f"--target {board.name}: expected one OpenCL kernel, TVM made {len(kernels)}")
+    name, params = kernels[0]
+    return {"source": src, "kernel": name,
+            "args": [re.search(r"(\w+)_ptr$", p.strip()).group(1) for p in params.split(",")]}
+
+
+def opencl_attention(board, NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share, vector=True,
+                     map_bits=None) -> dict:
+    """The OpenCL attention kernel (one thread per row) with its launch dimensions."""
+    from schedules import attention
+    f = attention._attention_rows(NB, H, n, c, L, S, qs, share, vector=vector, map_bits=map_bits)
+    blocks, threads = attention.rows_launch(NB, H, n, share)
+    return opencl_kernel(f, board) | {"global": blocks * threads, "local": threads}
+
+
+def build_opencl(board, out: Path, log):
+    NB, H, c, pns = ATTN["NB"], ATTN["H"], ATTN["c"], ATTN["pns"]
+    S, qs, L = len(pns), len(pns) - 1, kv_layout.cache_len(pns)
+    with new_dir(out) as tmp:
+        table, kernels = {}, {}
+        for case, (window, share) in attention_cases().items():
+            table[case] = case_table(window, share)
+            for kernel, vector in OPENCL_KERNELS.items():
+                log(f"generating OpenCL attention {kernel} {case} for {board.name}")
+                spec = opencl_attention(board, NB, H, pns[qs] ** 2, c, L, S, qs, share, vector)
+                (tmp / f"attn_{kernel}_{case}.cl").write_text(spec.pop("source"))
+                kernels[f"{kernel}_{case}"] = spec
+        (tmp / "shapes.json").write_text(json.dumps({"target": board.name, "api": "opencl", "attention": table,
+                                                     "opencl": kernels}))
     log(f"wrote {out}")
+
+
+def opencl_queue():
+    """A profiling queue on the first device of the first OpenCL platform."""
+    try:
+        import pyopencl as cl
+        device = cl.get_platforms()[0].get_devices()[0]
+    except Exception as e:  # noqa: BLE001  (no pyopencl, no ICD, no device)
+        raise UserError(f"no OpenCL device here ({type(e).__name__}: {e}); install pyopencl and the "
+                        "board's OpenCL driver (or pocl-opencl-icd on a PC)") from None
+    ctx = cl.Context(devices=[device])
+    return cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
+
+
+def opencl_launcher(queue, spec: dict, source: str, arrays: dict):
+    """A function that runs the kernel once on `arrays` (name → numpy array; each kernel
+    parameter `x` or its view `xf` takes arrays["x"]) and returns its event, and the device
+    buffers by name; read results back with pyopencl.enqueue_copy."""
+    import pyopencl as cl
+    mf = cl.mem_flags
+    kernel = getattr(cl.Program(queue.context, source).build(), spec["kernel"])
+    bufs = {k: cl.Buffer(queue.context, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a))
+            for k, a in arrays.items()}
+    kernel.set_args(*[bufs[a if a in bufs else a[:-1]] for a in spec["args"]])
+
+    def launch():
+        return cl.enqueue_nd_range_kernel(queue, kernel, (spec["global"],), (spec["local"],))
+    return launch, bufs
+
+
+def run_opencl(lib_dir: Path, meta: dict, number: int, log=print) -> list:
+    """Check and time the OpenCL attention kernels on this machine's first OpenCL device."""
+    import pyopencl as cl
+    queue = opencl_queue()
+    log(f"OpenCL device: {queue.device.name.strip()} ({queue.device.platform.name.strip()})")
+    pns = ATTN["pns"]
+    q, kv = attention_inputs()
+    arrays = {"q": q, "kv": kv_layout.cache_of(kv, pns), "geom": kv_layout.scale_slots(pns),
+              "out": np.zeros_like(q)}
+    rows, dense_us = [], {}
+    for case, spec in meta["attention"].items():     # "dense" first: the others are compared with it
+        outputs, timed = {}, {}
+        for kernel in OPENCL_KERNELS:
+            name = f"{kernel}_{case}"
+            launch, bufs = opencl_launcher(queue, meta["opencl"][name], (lib_dir / f"attn_{name}.cl").read_text(),
+                                           arrays | {"win": np.array(spec["win"], np.int32)})
+            launch().wait()
+            outputs[kernel] = np.empty_like(q)
+            cl.enqueue_copy(queue, outputs[kernel], bufs["out"]).wait()
+            times = []
+            for _ in range(5):
+                events = [launch() for _ in range(number)]
+                events[-1].wait()
+                times.append((events[-1].profile.end - events[0].profile.start) / number / 1e3)
+            timed[kernel] = float(np.median(times))
+        want, against = ((reference_dense_attention(q, kv), "numpy") if case == "dense"
+                         else (outputs["rows_scalar"], "rows_scalar"))
+        rows += report(case, spec, outputs, timed, want, against, dense_us, log)
+    return rows
+
+
+def report(case, spec, outputs, timed, want, against, dense_us, log) -> list:
+    """Rows of one attention case: each kernel's time, against its dense time and the kept work."""
+    rows = []
+    for kernel, us in timed.items():
+        dense = dense_us.setdefault(kernel, us)
+        diff = float(np.abs(outputs[kernel] - want).max())
+        rows.append({"attention": case, "kernel": kernel, "us": us, "work": spec["work"], "max_diff": diff})
+        log(f"attention {case:15} {kernel:14} {us:8.1f} µs  ÷ dense {us / dense:5.2f}"
+            f"  ÷ kept work {us / dense / spec['work']:5.2f}  max diff vs {against} {diff:.1e}")
+    return rows
 
 
 def build_attention(board, out: Path, log) -> dict:
@@ -131,19 +278,14 @@ def build_attention(board, out: Path, log) -> dict:
 
     from compiler.build import export
     from schedules import attention
-    from schedules.bench import WINDOWS, attention_case
     NB, H, c, pns = ATTN["NB"], ATTN["H"], ATTN["c"], ATTN["pns"]
     S, qs, L = len(pns), len(pns) - 1, kv_layout.cache_len(pns)
-    cases = {"dense": (None, None)} | {f"w{w}": (w, None) for w in WINDOWS}
-    cases |= {f"w{WINDOWS[1]}_asc_{m}": (WINDOWS[1], m) for m in ("map", "output")}
     table = {}
-    for case, (window, share) in cases.items():
-        win, frac, _ = attention_case(H * c, H, pns, window)
-        table[case] = {"win": win.tolist(), "share": share,
-                       "work": frac * {None: 1.0, "map": 0.75, "output": 0.5}[share]}
+    for case, (window, share) in attention_cases().items():
+        table[case] = case_table(window, share)
         for kernel, tile in ATTN_KERNELS.items():
             log(f"compiling attention {kernel} {case} for {board.name}")
-            f = (attention._attention_gpu(NB, H, pns[qs] ** 2, c, L, S, qs, share) if tile is None else
+            f = (attention._attention_rows(NB, H, pns[qs] ** 2, c, L, S, qs, share) if tile is None else
                  attention._attention_tiled(NB, H, pns[qs] ** 2, c, L, S, qs, share, True, *tile))
             ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}), target=board.tvm_target())
             export(ex, board, out / f"attn_{kernel}_{case}.so")
@@ -175,12 +317,7 @@ def run_attention(lib_dir: Path, cases: dict, number: int, log=print) -> list:
             timed[kernel] = f.time_evaluator("f", dev, number=number, repeat=5)(*args, win, geom, out).median * 1e6
         want, against = ((reference_dense_attention(q, kv), "numpy") if case == "dense"
                          else (outputs["rows"], "rows"))
-        for kernel, us in timed.items():
-            dense = dense_us.setdefault(kernel, us)
-            diff = float(np.abs(outputs[kernel] - want).max())
-            rows.append({"attention": case, "kernel": kernel, "us": us, "work": spec["work"], "max_diff": diff})
-            log(f"attention {case:15} {kernel:14} {us:8.1f} µs  ÷ dense {us / dense:5.2f}"
-                f"  ÷ kept work {us / dense / spec['work']:5.2f}  max diff vs {against} {diff:.1e}")
+        rows += report(case, spec, outputs, timed, want, against, dense_us, log)
     try:
         import torch
     except ImportError:
@@ -204,16 +341,18 @@ def run_attention(lib_dir: Path, cases: dict, number: int, log=print) -> list:
 
 
 def run(lib_dir: Path, number: int, log=print) -> list:
+    if not (lib_dir / "shapes.json").exists():
+        raise UserError(f"{lib_dir}: no shapes.json (make it with: python -m schedules.gpu_bench build)")
+    meta = json.loads((lib_dir / "shapes.json").read_text())
+    if meta.get("api") == "opencl":             # pyopencl and numpy only
+        return run_opencl(lib_dir, meta, number, log)
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
     from device.runtime import load_gpu_runtime
-    if not (lib_dir / "shapes.json").exists():
-        raise UserError(f"{lib_dir}: no shapes.json (make it with: python -m schedules.gpu_bench build)")
     load_gpu_runtime("cuda", lib_dir)
     dev = tvm.cuda(0)
     rows = []
-    meta = json.loads((lib_dir / "shapes.json").read_text())
     for M, K, O in meta["shapes"]:
         xq, sx, q, s = inputs(M, K, O)
         exact = (xq.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * sx * s

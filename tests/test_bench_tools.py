@@ -81,7 +81,7 @@ def test_host_bench_names_an_unknown_engine(tmp_path):
 def test_gpu_bench_refuses_cpu_targets_and_missing_libraries(tmp_path):
     r = run_cli("schedules.gpu_bench", "build", "--target", "rpi5", "--out", tmp_path / "g")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
-        "error: --target rpi5: runs kernels on cpu; this benchmark is for CUDA boards"
+        "error: --target rpi5: runs kernels on cpu; this benchmark is for GPU boards"
     assert not (tmp_path / "g").exists()
     r = run_cli("schedules.gpu_bench", "run", tmp_path)
     assert r.returncode == 2 and "no shapes.json" in r.stderr
@@ -116,6 +116,29 @@ def test_gpu_bench_run_side_needs_no_compiler(tmp_path):
         """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
+
+
+def test_gpu_bench_runs_the_opencl_attention_through_pyopencl_without_tvm(tmp_path):
+    """An OpenCL board's directory holds OpenCL C; `run` launches it with pyopencl alone (PoCL
+    here), checks the 16-byte-load kernel against numpy (dense) and the single-float one."""
+    pytest.importorskip("pyopencl")
+    from schedules.gpu_bench import OPENCL_KERNELS, UserError, opencl_queue
+    try:
+        opencl_queue()
+    except UserError as e:
+        pytest.skip(str(e))
+    r = run_cli("schedules.gpu_bench", "build", "--target", "mali-g610", "--out", tmp_path / "g")
+    assert r.returncode == 0, r.stderr
+    sources = sorted(p.name for p in (tmp_path / "g").glob("*.cl"))
+    assert len(sources) == 6 * len(OPENCL_KERNELS) and "attn_rows_w4.cl" in sources
+    code = (f"import sys; sys.modules['tvm'] = None; from schedules.gpu_bench import main; "
+            f"main(['run', {str(tmp_path / 'g')!r}, '--number', '1', '--json', {str(tmp_path / 'r.json')!r}])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert {(x["attention"], x["kernel"]) for x in rows} == {
+        (case, k) for case in ("dense", "w64", "w16", "w4", "w16_asc_map", "w16_asc_output") for k in OPENCL_KERNELS}
+    assert all(x["us"] > 0 and x["max_diff"] < 1e-5 for x in rows)
 
 
 @pytest.mark.slow

@@ -87,6 +87,32 @@ def test_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
     assert json.loads((art / "manifest.json").read_text())["plan"]["asc"]["mode"] == "map"
 
 
+def test_8bit_attention_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
+    """The tiny plan with quant.attention_bits = 8 (q, k, v and the weights of every scale on
+    8-bit grids): the build no longer refuses it and gives the simulation's greedy tokens. The
+    tiny model picks the same tokens without the 8-bit attention too, so its last scale's logits
+    show that the build rounds: they move against the same plan's build without it."""
+    var, vae = tiny
+    plan = tiny_plan(var)
+    plan.attention_bits = 8
+    art = build(var, vae, plan, "host", 2, tmp_path / "a8", log=lambda s: None)
+    want_t, want_img = greedy(apply_plan(var, plan), vae, LABELS)
+    got_t, got_img = CompiledVAR(art).generate(LABELS, cfg=4.0, top_k=1, top_p=0.0)
+    np.testing.assert_array_equal(got_t, want_t)
+    assert np.abs(got_img - want_img).max() < 1e-3
+    assert json.loads((art / "manifest.json").read_text())["plan"]["quant"]["attention_bits"] == 8
+
+    def last_logits(artifact):
+        model, seen = CompiledVAR(artifact), {}
+        invoke = model._invoke
+        model._invoke = lambda name, *a: seen.setdefault(name, invoke(name, *a))
+        model.generate(LABELS, cfg=4.0, top_k=1, top_p=0.0)
+        return seen[f"scale_{len(var.cfg.patch_nums) - 1}"][0].numpy()
+    plan.attention_bits = None
+    plain = build(var, vae, plan, "host", 2, tmp_path / "plain", log=lambda s: None)
+    assert np.abs(last_logits(art) - last_logits(plain)).max() > 1e-4
+
+
 def test_mixed_int4_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
     """W4A8 and W4A16 at two group sizes next to W8A8 and fp32 layers: greedy tokens equal."""
     var, vae = tiny

@@ -188,7 +188,8 @@ def attention_problem(pns, qs, c, H=3, NB=4):
 
 KERNELS = {   # name → the kernel's maker; the GPU variants' thread loops run here as plain loops
     "cpu": attention.windowed_attention,
-    "gpu-rows": partial(attention._attention_gpu, bound=False),
+    "gpu-rows": partial(attention._attention_rows, bound=False),
+    "gpu-rows-scalar": partial(attention._attention_rows, bound=False, vector=False),
     "cuda-tiled": partial(attention._attention_tiled, bound=False),
     "cuda-tiled-8x8x2": partial(attention._attention_tiled, bound=False, QT=8, KT=8, TPR=2),
     "cuda-tiled-scalar": partial(attention._attention_tiled, bound=False, vector_keys=False, vector_values=False),
@@ -251,6 +252,82 @@ def test_tiled_cuda_attention_compiles_for_orin_with_shared_tiles_and_16_byte_lo
         assert r.returncode == 0, r.stderr
         smem = int(re.search(r"(\d+) bytes smem", r.stdout + r.stderr).group(1))
         assert 0 < smem <= 48 * 1024 and "spill" not in re.sub(r"0 bytes spill", "", r.stdout + r.stderr)
+
+
+def simulated_8bit_attention(q, kv, win, pns, qs, share):
+    """The PyTorch simulation of a plan's 8-bit attention (CompressedAttention, attn_bits=8)."""
+    from compiler.compress.attention import CompressedAttention
+    H, end = q.shape[1], sum(p * p for p in pns[:qs + 1])
+    windows = [[[None if w < 0 else int(w) for w in win[s, h, :s + 1]] for s in range(len(pns))] for h in range(H)]
+    sim = CompressedAttention(pns, windows, [share is not None] * len(pns) if share else None, share or "map", 8)
+    k, v = (torch.from_numpy(kv[i][:, :, :end]) for i in (0, 1))
+    return sim(torch.from_numpy(q), k, v).numpy()
+
+
+def on_8bit_grid(x):
+    from compiler.compress.quant import fake_quant_per_token
+    return fake_quant_per_token(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("c", [8, 6])
+@pytest.mark.parametrize("kernel", ["cpu", "rows", "rows-parallel"])
+def test_8bit_attention_matches_the_simulation(share, c, kernel):
+    """q, k and v on their per-token grids (the graph puts them there), the weights rounded to
+    each row's unsigned 8-bit grid in the kernel: the simulation's arithmetic, bands, dropped
+    scales and ASC included."""
+    pns, qs = [1, 2, 3, 4], 3
+    S, H, NB = 4, 3, 4
+    L, n = kv_layout.cache_len(pns), pns[qs] ** 2
+    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    func = (attention.windowed_attention(NB, H, n, c, L, S, qs, share, map_bits=8) if kernel == "cpu" else
+            attention._attention_rows(NB, H, n, c, L, S, qs, share, bound=kernel == "rows-parallel" and "cpu",
+                                      map_bits=8))
+    (out,) = run(func, on_8bit_grid(q), kv_layout.cache_of(on_8bit_grid(kv), pns), win, kv_layout.scale_slots(pns),
+                 out=[((NB, H, n, c), "float32")])
+    want = simulated_8bit_attention(q, kv, win, pns, qs, share)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    # the rounding is real: the unrounded weights give another output
+    assert np.abs(want - reference_attention(q, kv, win, pns, qs, share)).max() > 1e-3
+
+
+def opencl_device():
+    try:
+        from schedules.gpu_bench import opencl_queue
+        return opencl_queue()
+    except UserError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("c,vector,bits", [(8, True, None), (6, True, None), (8, False, None), (8, True, 8)])
+def test_opencl_attention_runs_on_an_opencl_device_like_the_reference(share, c, vector, bits):
+    """The generated OpenCL itself, launched by pyopencl (PoCL here and in CI): 16 query rows of
+    scale 3 are a partial 64-thread block; c = 6 takes single-float value loads; bits = 8 is the
+    8-bit attention against the simulation."""
+    import re
+
+    import pyopencl as cl
+
+    import targets
+    from schedules.gpu_bench import opencl_attention, opencl_launcher
+    queue = opencl_device()
+    pns, qs = [1, 2, 3, 4], 3
+    S, H, NB = 4, 3, 4
+    L, n = kv_layout.cache_len(pns), pns[qs] ** 2
+    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    spec = opencl_attention(targets.load("mali-g610"), NB, H, n, c, L, S, qs, share, vector, bits)
+    assert ("vload4(0, kvf_ptr" in spec["source"]) == vector
+    assert not re.search(r"\blong\b", spec["source"]), "64-bit index arithmetic in the kernel"
+    grid = on_8bit_grid if bits else (lambda x: x)
+    launch, bufs = opencl_launcher(queue, spec, spec["source"],
+                                   {"q": grid(q), "kv": kv_layout.cache_of(grid(kv), pns), "win": win,
+                                    "geom": kv_layout.scale_slots(pns), "out": np.zeros_like(q)})
+    launch().wait()
+    out = np.empty_like(q)
+    cl.enqueue_copy(queue, out, bufs["out"]).wait()
+    want = (simulated_8bit_attention if bits else reference_attention)(q, kv, win, pns, qs, share)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_kv_write_fills_only_its_scale():

@@ -64,10 +64,12 @@ def tiny():
 
 @needs_cross
 def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
-    """A plan with MDWA, ASC, W8A8 and the int4 schemes: every kernel compiles for sm_87."""
+    """A plan with MDWA, ASC, W8A8, the int4 schemes and 8-bit attention: every kernel
+    compiles for sm_87."""
     var, vae = tiny
     plan = tiny_plan(var)
     plan.quant_layers.update(mixed_int4_plan(var).quant_layers)
+    plan.attention_bits = 8
     art = build(var, vae, plan, "jetson-orin", 1, tmp_path / "orin", log=lambda s: None)
     m = json.loads((art / "manifest.json").read_text())
     assert elf_machine(art / "model.so") == 183                   # EM_AARCH64
@@ -93,9 +95,12 @@ def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
 @needs_cross
 @pytest.mark.parametrize("name,device", [("mali-g610", "opencl"), ("rpi5", "cpu")])
 def test_arm_builds_are_aarch64(tiny, tmp_path, name, device):
-    """Mali with a W4A16/W8A8 plan: PoCL compiles the OpenCL of the int4 kernels too."""
+    """Mali with a W4A16/W8A8 plan and 8-bit attention: PoCL compiles the OpenCL of the int4
+    kernels and of the two-walk attention too."""
     var, vae = tiny
     plan = mixed_int4_plan(var, w4a8=False) if device == "opencl" else None
+    if plan is not None:
+        plan.attention_bits = 8
     art = build(var, vae, plan, name, 1, tmp_path / name, log=lambda s: None)
     m = json.loads((art / "manifest.json").read_text())
     assert elf_machine(art / "model.so") == 183 and m["device"] == device

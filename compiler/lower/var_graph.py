@@ -19,7 +19,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from compiler.compress.plan import Plan
-from compiler.lower.layers import Dense, pad_rows, padded_rows, placeholder, unpad_rows
+from compiler.lower.layers import Dense, pad_rows, padded_rows, placeholder, quantize, unpad_rows
 from compiler.lower.params import param
 from compiler.model.var import LN_EPS, MAX_SCALE_MUL, VAR
 from schedules import attention as attn_kernels
@@ -65,6 +65,13 @@ class Attention(nn.Module):
         self.windows = param(window_table(plan, block, S, H))
         self.share = [bool(plan.asc_share[block][s]) if plan and plan.asc_share else False for s in range(S)]
         self.mode = plan.asc_mode if plan else "map"
+        self.attn_bits = plan.attention_bits if plan else None
+
+    def on_grid(self, t):
+        """t on its per-token 8-bit grid and back to float32 (the simulation's fake_quant_per_token)."""
+        NB, H, n, c = (int(d) for d in t.shape)
+        tq, s = quantize(op.reshape(t, [NB * H * n, c]), NB * H * n, c, self.gpu)
+        return op.reshape(op.multiply(op.astype(tq, "float32"), s), [NB, H, n, c])
 
     def forward(self, x, kv, si: int, geom, cfg):
         NB, n = int(x.shape[0]), int(x.shape[1])
@@ -75,11 +82,14 @@ class Attention(nn.Module):
         norm = lambda t: op.divide(t, op.sqrt(op.sum(op.square(t), axis=-1, keepdims=True)).maximum(1e-12))
         q = op.multiply(norm(q), self.scale_mul)
         k = norm(k)
+        if self.attn_bits:      # 8-bit attention: q, k, v on their grids, the weights rounded in the kernel
+            q, k, v = self.on_grid(q), self.on_grid(k), self.on_grid(v)
         begin = int(kv_layout.scale_slots(cfg.patch_nums)[si, 0])
         kv = op.tensor_ir_inplace_op(attn_kernels.kv_write(NB, H, n, c, L, begin), "kv_write", [kv, k, v],
                                      inplace_indices=[0], out=placeholder(kv.shape))
         share = self.mode if self.share[si] else None
-        o = op.tensor_ir_op(attn_kernels.windowed_attention(NB, H, n, c, L, S, si, share, self.gpu), "attention",
+        o = op.tensor_ir_op(attn_kernels.windowed_attention(NB, H, n, c, L, S, si, share, self.gpu, self.attn_bits),
+                            "attention",
                             [q, kv, self.windows, geom], placeholder([NB, H, n, c]))
         o = op.reshape(op.permute_dims(o, [0, 2, 1, 3]), [NB, n, self.C])
         return self.proj(o), kv
