@@ -226,11 +226,13 @@ def attention_engines(width: int, heads: int, pns) -> tuple[dict, dict]:
     out = tvm.runtime.empty((NB, H, n, c), "float32", tvm.cpu())
     q_t, kv_t, geom_t = tensors(q, kv_layout.cache_of(kv, pns), kv_layout.scale_slots(pns))
     engines, kept = {}, {}
-    cases = [("dense", None, None)] + [(f"MDWA w={w}", w, None) for w in WINDOWS]
-    cases += [(f"MDWA w={WINDOWS[1]} + ASC {s}", WINDOWS[1], s) for s in ("map", "output")]
-    for name, window, share in cases:
+    cases = [("dense", None, None, None)] + [(f"MDWA w={w}", w, None, None) for w in WINDOWS]
+    cases += [(f"MDWA w={WINDOWS[1]} + ASC {s}", WINDOWS[1], s, None) for s in ("map", "output")]
+    # a plan's 8-bit attention (weights rounded per row, two walks): what it costs, dense and windowed
+    cases += [("8-bit attention, dense", None, None, 8), (f"8-bit attention, MDWA w={WINDOWS[1]}", WINDOWS[1], None, 8)]
+    for name, window, share, bits in cases:
         win, frac, _ = attention_case(width, heads, pns, window)
-        f = compile_kernel(attention.windowed_attention(NB, H, n, c, L, S, qs, share))
+        f = compile_kernel(attention.windowed_attention(NB, H, n, c, L, S, qs, share, map_bits=bits))
         (win_t,) = tensors(win)
         engines[name] = lambda f=f, w=win_t: f(q_t, kv_t, w, geom_t, out)
         # ASC: one CFG half computes the scores and weights; "map" still applies them to both
