@@ -160,9 +160,9 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                     sc[r, at + t * KB + u] = s8[r, t, u]
 
     @T.macro
-    def add_weighted_values(kv, sc, pv, acc, acc_u, b, h, base, skip, cnt, at):
-        """acc += p·V over the run (weights sc[:, at:]), cw channels at a time: each value vector
-        loaded once for all rows."""
+    def add_weighted_values(kv, sc, pv, acc, b, h, base, skip, cnt, at):
+        """acc += p·V of batch row b over the run (weights sc[:, at:]), cw channels at a time:
+        each value vector loaded once for all rows."""
         for ch in range(c // cw):
             for r in T.unroll(QB):
                 for u in T.vectorized(cw):
@@ -174,17 +174,6 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
             for r in T.unroll(QB):
                 for u in T.vectorized(cw):
                     acc[r, ch * cw + u] = acc[r, ch * cw + u] + pv[r, u]
-            if share == "map":
-                for r in T.unroll(QB):
-                    for u in T.vectorized(cw):
-                        pv[r, u] = T.float32(0)
-                for j in range(skip, cnt):
-                    for r in T.unroll(QB):
-                        for u in T.vectorized(cw):
-                            pv[r, u] = pv[r, u] + sc[r, at + j] * kv[1, b + half, h, (base + j) * c + ch * cw + u]
-                for r in T.unroll(QB):
-                    for u in T.vectorized(cw):
-                        acc_u[r, ch * cw + u] = acc_u[r, ch * cw + u] + pv[r, u]
 
     Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
 
@@ -278,12 +267,12 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                                     if share == "map":
                                         for cc in T.vectorized(c):
                                             acc_u[r, cc] = acc_u[r, cc] * corr[r]
+                        if walk == (1 if quantized else 0):      # the weights are final: add p·V
+                            add_weighted_values(kv, sc, pv, acc, b, h, base, skip, cnt, at)
+                            if share == "map":                    # the same weights, the other half's values
+                                add_weighted_values(kv, sc, pv, acc_u, b + half, h, base, skip, cnt, at)
                         if quantized:
-                            if walk == 1:
-                                add_weighted_values(kv, sc, pv, acc, acc_u, b, h, base, skip, cnt, at)
                             off[0] = off[0] + nv * KB
-                        else:
-                            add_weighted_values(kv, sc, pv, acc, acc_u, b, h, base, skip, cnt, at)
             if quantized:
                 for r in T.unroll(QB):
                     l[r] = T.float32(1)      # the rounded weights already carry 1/l
@@ -360,6 +349,15 @@ def _attention_rows(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sh
         for e in T.unroll(KG):
             sc[e] = T.Select((first + e >= lo) & (first + e < hi), sc[e], T.float32(NEG_INF))
 
+    @T.macro
+    def add_value(kvf, acc, acc_u, p, vals, vals_u, place):
+        """acc += p·v of the key at `place` (ASC "map": acc_u += p·v of the other half)."""
+        for g in range(c // VW):
+            for u in T.vectorized(VW):
+                acc[g * VW + u] = acc[g * VW + u] + p * kvf[vals + place * c + g * VW + u]
+                if share == "map":
+                    acc_u[g * VW + u] = acc_u[g * VW + u] + p * kvf[vals_u + place * c + g * VW + u]
+
     Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
 
     @T.prim_func(private=True)
@@ -419,13 +417,7 @@ def _attention_rows(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sh
                                     if (step * KG + e >= lo) & (step * KG + e < hi):
                                         p[0] = T.exp(sc[e] - mx[0])
                                         l[0] = l[0] + p[0]
-                                        for g in range(c // VW):
-                                            for u in T.vectorized(VW):
-                                                acc[g * VW + u] = acc[g * VW + u] + p[0] * kvf[
-                                                    vals + (grp * KG + e) * c + g * VW + u]
-                                                if share == "map":
-                                                    acc_u[g * VW + u] = acc_u[g * VW + u] + p[0] * kvf[
-                                                        vals_u + (grp * KG + e) * c + g * VW + u]
+                                        add_value(kvf, acc, acc_u, p[0], vals, vals_u, grp * KG + e)
                             m[0] = mx[0]
                     if quantized:
                         # the weights are e·(1/l), e = exp(s − max); the largest is 1/l, so the
@@ -439,13 +431,7 @@ def _attention_rows(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sh
                                 for e in T.unroll(KG):
                                     if (step * KG + e >= lo) & (step * KG + e < hi):
                                         p[0] = T.nearbyint(T.exp(sc[e] - m[0]) * T.float32(levels)) * corr[0]
-                                        for g in range(c // VW):
-                                            for u in T.vectorized(VW):
-                                                acc[g * VW + u] = acc[g * VW + u] + p[0] * kvf[
-                                                    vals + (grp * KG + e) * c + g * VW + u]
-                                                if share == "map":
-                                                    acc_u[g * VW + u] = acc_u[g * VW + u] + p[0] * kvf[
-                                                        vals_u + (grp * KG + e) * c + g * VW + u]
+                                        add_value(kvf, acc, acc_u, p[0], vals, vals_u, grp * KG + e)
                         l[0] = T.float32(1)    # the rounded weights already carry 1/l
                     for g in range(c // VW):
                         for u in T.vectorized(VW):
