@@ -189,7 +189,7 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
             corr = T.decl_buffer((QB,), "float32", scope="local")
             # scores, then weights, of one run (8-bit attention: of every scale's run, one after another)
             sc = T.decl_buffer((QB, L + 2 * STEP * (S if quantized else 1)), "float32", scope="local")
-            off = T.decl_buffer((1,), "int32", scope="local")                 # 8-bit: where this run's start
+            off = T.decl_buffer((1,), "int32", scope="local")   # 8-bit: where the next run's scores go in sc
             s8 = T.decl_buffer((QB, KT, KB), "float32", scope="local")
             red = T.decl_buffer((KB,), "float32", scope="local")
             pv = T.decl_buffer((QB, cw), "float32", scope="local")

@@ -280,9 +280,11 @@ def test_8bit_attention_matches_the_simulation(share, c, kernel):
     S, H, NB = 4, 3, 4
     L, n = kv_layout.cache_len(pns), pns[qs] ** 2
     q, kv, win = attention_problem(pns, qs, c, H, NB)
-    func = (attention.windowed_attention(NB, H, n, c, L, S, qs, share, map_bits=8) if kernel == "cpu" else
-            attention._attention_rows(NB, H, n, c, L, S, qs, share, bound=kernel == "rows-parallel" and "cpu",
-                                      map_bits=8))
+    if kernel == "cpu":
+        func = attention.windowed_attention(NB, H, n, c, L, S, qs, share, map_bits=8)
+    else:   # the per-row kernel's loops serial, or its rows as parallel CPU tasks
+        bound = "cpu" if kernel == "rows-parallel" else False
+        func = attention._attention_rows(NB, H, n, c, L, S, qs, share, bound=bound, map_bits=8)
     (out,) = run(func, on_8bit_grid(q), kv_layout.cache_of(on_8bit_grid(kv), pns), win, kv_layout.scale_slots(pns),
                  out=[((NB, H, n, c), "float32")])
     want = simulated_8bit_attention(q, kv, win, pns, qs, share)
