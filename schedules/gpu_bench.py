@@ -1,5 +1,6 @@
 """Kernels on a GPU, side by side. CUDA: W8A8 matmuls (our dp4a kernel, DLight's int8 matmul, an
-fp32 matmul) and attention at d16's last scale (the tiled kernel, the one-thread-per-row kernel).
+fp32 matmul) and attention at d16's last scale (the tiled kernel in several tilings, the
+one-thread-per-row kernel in fp32 and with 8-bit softmax weights).
 OpenCL (Mali): the attention kernel with 16-byte loads against the same kernel one float at a time.
 
     python -m schedules.gpu_bench build --target h100 --out DIR   # here: one library per kernel and shape
@@ -13,7 +14,8 @@ Matmuls: d16's shapes at the last scales (qkv, proj, fc2), activations already q
 checks each int8 kernel against the exact integer product (numpy int64) scaled as the
 simulation does. Attention: 2 × 16 heads × 256 queries × 680 keys × 64, dense, MDWA bands
 (schedules/bench.py's cases) and ASC; `run` checks the dense output against numpy and every
-tiled output against the per-row kernel's (tested against the reference in tests/), and, where
+other output against the per-row kernel's (tested against the reference in tests/; for the 8-bit
+kernel the difference is its rounding, checked against the simulation in tests/), and, where
 PyTorch is installed, times its SDPA on the dense problem. Inputs come from seeds on both sides,
 so DIR holds only the libraries and the window tables.
 """
@@ -36,10 +38,11 @@ SHAPES = ((512, 1024, 3072), (338, 1024, 1024), (512, 4096, 1024))
 KINDS = ("dp4a", "dlight_int8", "dlight_fp32")
 ATTN = {"NB": 2, "H": 16, "c": 64, "pns": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}   # d16, last scale
 ATTN_KERNELS = {   # name → (query rows, keys, threads per row, 4-float key loads, 4-float value loads),
-    # None: the kernel's default; "rows": one thread per row
+    # None: the kernel's default; ("rows", bits): one thread per row, softmax weights on a `bits` grid or fp32
     "tiled": (16, 16, 4, None, None), "tiled_scalar": (16, 16, 4, False, False),
     "tiled_vector": (16, 16, 4, True, True), "tiled_32x32x4": (32, 32, 4, None, None),
-    "tiled_16x32x8": (16, 32, 8, None, None), "rows": None}
+    "tiled_16x32x8": (16, 32, 8, None, None), "tiled_8x16x4": (8, 16, 4, None, None),
+    "tiled_8x8x4": (8, 8, 4, None, None), "rows": ("rows", None), "rows_a8": ("rows", 8)}
 OPENCL_KERNELS = {"rows": True, "rows_scalar": False}   # name → 16-byte loads (the build's kernel) or not
 
 
@@ -285,8 +288,8 @@ def build_attention(board, out: Path, log) -> dict:
         table[case] = case_table(window, share)
         for kernel, tile in ATTN_KERNELS.items():
             log(f"compiling attention {kernel} {case} for {board.name}")
-            f = (attention._attention_rows(NB, H, pns[qs] ** 2, c, L, S, qs, share) if tile is None else
-                 attention._attention_tiled(NB, H, pns[qs] ** 2, c, L, S, qs, share, True, *tile))
+            f = (attention._attention_rows(NB, H, pns[qs] ** 2, c, L, S, qs, share, map_bits=tile[1])
+                 if tile[0] == "rows" else attention._attention_tiled(NB, H, pns[qs] ** 2, c, L, S, qs, share, True, *tile))
             ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}), target=board.tvm_target())
             export(ex, board, out / f"attn_{kernel}_{case}.so")
     return table
