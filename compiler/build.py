@@ -109,10 +109,15 @@ def pipeline(target, tuning: Path | None = None):
     return build_pipeline
 
 
-def compile_module(mod, board, tuning: Path | None = None):
+def compile_module(mod, board, tuning: Path | None = None, cuda_graph: bool = False):
+    """cuda_graph: Relax's RewriteCUDAGraph (in the CUDA finalize passes) lifts each run of
+    launches whose buffers are all static (weights, planned storage) into a function that the VM
+    captures once as a CUDA graph and replays after: one launch instead of dozens. Launches that
+    touch a call's inputs (the KV cache: its write and the attention) stay outside."""
     import tvm
     target = board.tvm_target()
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline(target, tuning))
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graph}):
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline(target, tuning))
 
 
 def check_cross_compiler(board):
@@ -267,8 +272,9 @@ def check_plan_fits(plan, board, plan_path=None):
 
 
 def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, plan_path=None, tuning=None,
-          log=print):
-    """Build an artifact into `out` (replacing an older artifact there only when done)."""
+          cuda_graph=True, log=print):
+    """Build an artifact into `out` (replacing an older artifact there only when done).
+    cuda_graph: CUDA builds replay their static launch sequences as CUDA graphs (compile_module)."""
     import tvm
     board = board_for(target_name, device)
     check_plan_fits(plan, board, plan_path)
@@ -283,7 +289,8 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
     log(f"[2/3] compiling for {board.name}: {json.dumps(board.target)}"
         + (f" on {json.dumps(board.host)}" if board.host else "") + f" ({time.perf_counter() - t0:.0f} s)")
     db = tuning_database(board, tuning, log)
-    ex = compile_module(mod, board, db)
+    cuda_graph = cuda_graph and board.device == "cuda"
+    ex = compile_module(mod, board, db, cuda_graph)
     log(f"[3/3] linking{' with ' + board.cross['compiler'] if board.cross else ''} and writing the artifact "
         f"({time.perf_counter() - t0:.0f} s)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -300,6 +307,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
             "plan_name": str(plan_path) if plan_path else None,
             "library": "model.so", "params": "params.npz", "param_names": list(params),
             "sampler": "kernel" if board.device == "cpu" else "numpy",   # sample_<s> or device/sampling.py
+            "cuda_graph": cuda_graph,
             "kv_shape": [2, 2 * batch, var.cfg.heads, cache_row(cache_len(var.cfg.patch_nums), var.cfg.head_dim)],
         }
         write_manifest(tmp, manifest)
@@ -327,6 +335,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1, help="images per generation call (default 1)")
     ap.add_argument("--tuning", help="MetaSchedule database directory (default: targets/<target>/tuning when it "
                                      "has records, from python -m compiler.tune)")
+    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                    help="CUDA builds: launch every kernel on its own instead of replaying each scale's static "
+                         "launch sequences as CUDA graphs")
     ap.add_argument("--out", required=True, help="artifact directory to write")
     args = ap.parse_args(argv)
     check_cross_compiler(board_for(args.target, args.device))  # fail before loading anything
@@ -336,7 +347,7 @@ def main(argv=None):
         plan = load_plan(args.plan, var.cfg)
         check_compilable(plan, args.plan)
     build(var, vae, plan, args.target, args.batch, args.out, device=args.device, plan_path=args.plan, tuning=args.tuning,
-          log=lambda s: print(s, file=sys.stderr, flush=True))
+          cuda_graph=args.cuda_graph, log=lambda s: print(s, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def bench_many(models: list[CompiledVAR], labels, n: int, warmup: int, cfg: floa
         med = statistics.median(t)
         functions_ms = {name: 1e3 * statistics.median(ts) for name, ts in fns.items()}
         results.append({"artifact_target": model.manifest["target"], "device": model.manifest.get("device", "cpu"),
-                        "tuning": model.manifest.get("tuning"),
+                        "tuning": model.manifest.get("tuning"), "cuda_graph": bool(model.manifest.get("cuda_graph")),
                         "sampler": "kernel" if own[m] and not numpy_sampler[m] else "numpy",
                         "batch": len(labels), "images_timed": n * len(labels),
                         "median_s_per_image": med / len(labels), "min_s_per_image": min(t) / len(labels),
@@ -108,7 +108,8 @@ def main(argv=None):
                          args.seed, log=lambda s: print(s, file=sys.stderr, flush=True), numpy_sampler=numpy_sampler)
     for path, r, load_s, model in zip(paths, results, loads, models):
         r["artifact"], r["load_s"], r["kernels"] = str(path), load_s, model.kernels
-        print(f"{path}: {r['artifact_target']} ({r['device']}{', tuned' if r['tuning'] else ''}, {r['sampler']} sampler): "
+        how = r["device"] + (", tuned" if r["tuning"] else "") + (", CUDA graphs" if r["cuda_graph"] else "")
+        print(f"{path}: {r['artifact_target']} ({how}, {r['sampler']} sampler): "
               f"{r['median_s_per_image'] * 1e3:.2f} ms/image median over {r['images_timed']} images"
               + (f", {results[0]['median_s_per_image'] / r['median_s_per_image']:.2f}x the first"
                  if r is not results[0] else ""))

@@ -75,6 +75,7 @@ def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
     assert elf_machine(art / "model.so") == 183                   # EM_AARCH64
     code = m["device_code"]
     assert m["device"] == "cuda" and code["kind"] == "cuda" and code["kernels"] > 10
+    assert m["cuda_graph"] and b"vm.builtin.cuda_graph.run_or_capture" in (art / "model.so").read_bytes()
     if find_nvcc():   # every kernel compiled ahead of time for Orin: SASS for sm_87 and PTX
         assert "sm_87" in code["checked_with"] and code["format"] == "fatbin"
         fatbin = (art / code["file"]).read_bytes()
@@ -90,6 +91,22 @@ def test_jetson_orin_build_is_aarch64_with_sm87_cuda_kernels(tiny, tmp_path):
     # the artifact says what it is built for, and this x86 machine refuses to load it
     with pytest.raises(ArtifactError, match="built for aarch64"):
         CompiledVAR(art)
+
+
+def test_cuda_builds_replay_static_launch_runs_as_cuda_graphs(tiny):
+    """With cuda_graph (compiler.build's default for CUDA) a scale function hands runs of its
+    launches to the VM's CUDA-graph builtin; without, it has none."""
+    import tvm
+
+    from compiler.build import compile_module, lower
+    var, vae = tiny
+    mod, _ = lower(var, vae, None, 1, "cuda")
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions.items()
+                        if gv.name_hint == "scale_1" or not isinstance(f, tvm.relax.Function)})
+    board = targets.load("h100")
+    captured = {cg: compile_module(mod, board, None, cg).as_text().count("vm.builtin.cuda_graph.run_or_capture")
+                for cg in (True, False)}
+    assert captured[True] >= 2 and captured[False] == 0
 
 
 @needs_cross
