@@ -139,7 +139,7 @@ class CompiledVAR:
         # inputs made once: tvm.runtime.tensor() costs ~0.1 ms a call, 3 % of a demo image at 3 a scale
         self._u = [tvm.runtime.empty((self.batch, p * p), "float32", self.dev)
                    for p in self.patch_nums] if self.kernel_sampler else None
-        self._settings = {}
+        self._settings, self._setting, self._mods = None, None, None   # _setting_tensors, _static_mods
 
     timings: dict | None = None   # set to {} to record seconds per function call (device.bench)
 
@@ -164,14 +164,28 @@ class CompiledVAR:
         return tvm.runtime.tensor(np.ascontiguousarray(a), self.dev)
 
     def _setting_tensors(self, cfg, top_k, top_p):
-        """Every scale's CFG weights and the sampler's [top_k, top_p] on the device, made once per
-        setting (the last one is kept)."""
+        """Every scale's CFG weights and the sampler's [top_k, top_p] on the device, in tensors
+        made once: a new setting is copied into them, because a CUDA-graph build's scale
+        functions replay with the addresses they were captured with (compiler/build.py:
+        static_scale_inputs), as for the KV caches and mods."""
         key = (float(cfg), int(top_k), float(top_p))
-        if key not in self._settings:
+        if key != self._setting:
             S = len(self.patch_nums)
-            self._settings = {key: ([self._tensor(cfg_weights(cfg, si, S)) for si in range(S)],
-                                    self._tensor(np.array([top_k, top_p], np.float32)))}
-        return self._settings[key]
+            values = [cfg_weights(cfg, si, S) for si in range(S)] + [np.array([top_k, top_p], np.float32)]
+            if self._settings is None:
+                self._settings = [self._tensor(v) for v in values]
+            else:
+                for t, v in zip(self._settings, values):
+                    t.copyfrom(np.ascontiguousarray(v))
+            self._setting = key
+        return self._settings[:-1], self._settings[-1]
+
+    def _static_mods(self, mods):
+        """embed's modulation vectors, copied into the one tensor every scale call receives."""
+        if self._mods is None:
+            self._mods = tvm.runtime.empty(mods.shape, mods.dtype, self.dev)
+        self._mods.copyfrom(mods)
+        return self._mods
 
     def generate(self, labels, *, cfg=4.0, top_k=900, top_p=0.95, rng=None, on_scale=None):
         """Generate len(labels) ≤ batch images (a short batch is padded and cut)."""
@@ -182,6 +196,7 @@ class CompiledVAR:
         padded = labels + [labels[-1]] * (B - len(labels))
         both = np.array(padded + [self.num_classes] * B, np.int32)  # [conditional; unconditional]
         mods, x = self._call("embed", self._tensor(both))
+        mods = self._static_mods(mods)
         f_hat = tvm.runtime.tensor(np.zeros(self.f_hat_shape, np.float32), self.dev)
         weights, opts = self._setting_tensors(cfg, top_k, top_p)
         tokens = []

@@ -74,6 +74,29 @@ def test_dense_build_gives_the_reference_tokens_and_images(tiny, dense_artifact)
     np.testing.assert_array_equal(one_t[0], want_t[1])
 
 
+def test_scale_calls_get_the_same_buffers_whatever_the_setting(tiny, dense_artifact):
+    """A CUDA-graph build replays with the addresses it captured (compiler/build.py:
+    static_scale_inputs), so the runtime must hand every scale call the same mods, CFG-weight
+    and KV-cache buffers, with a new image's or setting's values copied in."""
+    var, vae = tiny
+    model, seen = CompiledVAR(dense_artifact), {}
+    invoke = model._invoke
+
+    def recording(name, *args):
+        if name.startswith("scale_"):
+            seen.setdefault(name, set()).add(tuple(a.data_ptr() for a in args[1:]))
+        return invoke(name, *args)
+    model._invoke = recording
+    got = {cfg: model.generate(LABELS, cfg=cfg, top_k=1, top_p=0.0)[0] for cfg in (4.0, 1.5, 4.0)}
+    assert all(len(ptrs) == 1 for ptrs in seen.values()) and len(seen) == len(var.cfg.patch_nums)
+    np.testing.assert_array_equal(got[1.5], greedy_cfg(var, vae, LABELS, 1.5))
+    np.testing.assert_array_equal(got[4.0], greedy(var, vae, LABELS)[0])
+
+
+def greedy_cfg(var, vae, labels, cfg):
+    return generate(var, vae, labels, cfg=cfg, top_k=1, top_p=0.0)[0].numpy()
+
+
 def test_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
     var, vae = tiny
     plan = tiny_plan(var)
