@@ -58,8 +58,8 @@ def dense_artifact(tiny, tmp_path_factory):
     return build(var, vae, None, "host", 2, tmp_path_factory.mktemp("b") / "dense", log=lambda s: None)
 
 
-def greedy(var, vae, labels):
-    toks, imgs = generate(var, vae, labels, cfg=4.0, top_k=1, top_p=0.0)
+def greedy(var, vae, labels, cfg=4.0):
+    toks, imgs = generate(var, vae, labels, cfg=cfg, top_k=1, top_p=0.0)
     return toks.numpy(), imgs.numpy()
 
 
@@ -89,12 +89,8 @@ def test_scale_calls_get_the_same_buffers_whatever_the_setting(tiny, dense_artif
     model._invoke = recording
     got = {cfg: model.generate(LABELS, cfg=cfg, top_k=1, top_p=0.0)[0] for cfg in (4.0, 1.5, 4.0)}
     assert all(len(ptrs) == 1 for ptrs in seen.values()) and len(seen) == len(var.cfg.patch_nums)
-    np.testing.assert_array_equal(got[1.5], greedy_cfg(var, vae, LABELS, 1.5))
+    np.testing.assert_array_equal(got[1.5], greedy(var, vae, LABELS, cfg=1.5)[0])
     np.testing.assert_array_equal(got[4.0], greedy(var, vae, LABELS)[0])
-
-
-def greedy_cfg(var, vae, labels, cfg):
-    return generate(var, vae, labels, cfg=cfg, top_k=1, top_p=0.0)[0].numpy()
 
 
 def test_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
