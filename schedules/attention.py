@@ -461,7 +461,9 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
     vector_values=False: one float at a time (also what shapes that do not split into 4-float
     groups get). The default (None) is 16-byte loads, except for ASC "map": on an H100 at d16's
     last scale the 16-byte loads took 1.35× the time of single floats there (130 against 96 µs;
-    0.75–0.87× for the other cases; schedules/gpu_bench.py)."""
+    0.75–0.87× for the other cases; schedules/gpu_bench.py), and the same on an H200. ncu there:
+    the 16-byte loads remove the shared-memory bank conflicts but the warps wait 2.65× longer
+    on global loads, at 6 % occupancy (map runs the conditional half's blocks only)."""
     vector_keys = share != "map" if vector_keys is None else vector_keys
     vector_values = share != "map" if vector_values is None else vector_values
     assert KT % KB == 0 and KT % TPR == 0, "a key tile is whole panels, split evenly between a row's threads"
