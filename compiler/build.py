@@ -304,6 +304,8 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
         + (f" on {json.dumps(board.host)}" if board.host else "") + f" ({time.perf_counter() - t0:.0f} s)")
     db = tuning_database(board, tuning, log)
     cuda_graph = cuda_graph and board.device == "cuda"
+    if board.device == "cuda":
+        log(f"  CUDA graphs: {'on' if cuda_graph else 'off (--no-cuda-graph)'}")
     ex = compile_module(mod, board, db, cuda_graph)
     log(f"[3/3] linking{' with ' + board.cross['compiler'] if board.cross else ''} and writing the artifact "
         f"({time.perf_counter() - t0:.0f} s)")

@@ -9,7 +9,7 @@ import pytest
 
 import targets
 from compiler.build import build, check_cross_compiler, find_nvcc
-from conftest import tiny_models
+from conftest import run_cli, tiny_models
 from device.artifact import ArtifactError
 from device.errors import UserError
 from device.runtime import CompiledVAR
@@ -159,3 +159,13 @@ def test_device_cpu_puts_a_gpu_board_on_its_cpu_cores(tiny, tmp_path):
     with pytest.raises(UserError, match="--device opencl: jetson-orin-nano runs kernels on cpu or cuda"):
         build(var, vae, None, "jetson-orin", 1, tmp_path / "x", device="opencl", log=lambda s: None)
     assert not (tmp_path / "x").exists()
+
+
+def test_no_cuda_graph_builds_launch_every_kernel_on_its_own(tiny_ckpts, tmp_path):
+    pv, pe = tiny_ckpts
+    r = run_cli("compiler.build", "--target", "h100", "--var", pv, "--vae", pe, "--no-cuda-graph",
+                "--out", tmp_path / "h100")
+    assert r.returncode == 0, r.stderr
+    assert "CUDA graphs: off" in r.stderr
+    assert json.loads((tmp_path / "h100" / "manifest.json").read_text())["cuda_graph"] is False
+    assert b"vm.builtin.cuda_graph" not in (tmp_path / "h100" / "model.so").read_bytes()
