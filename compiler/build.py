@@ -127,9 +127,10 @@ def static_scale_inputs(mod):
     device/runtime.py passes the same mods, weights and cache tensors on every call (it copies
     new values into them), so only x counts as an input, and the KV-cache writes and the
     attention go into the graphs too."""
+    from tvm import relax
     mod = mod.clone()
     for gv, f in list(mod.functions.items()):
-        if gv.name_hint.startswith("scale_"):
+        if isinstance(f, relax.Function) and gv.name_hint.startswith("scale_"):
             mod.update_func(gv, f.with_attr("num_input", 1))
     return mod
 
