@@ -139,7 +139,9 @@ class CompiledVAR:
         # inputs made once: tvm.runtime.tensor() costs ~0.1 ms a call, 3 % of a demo image at 3 a scale
         self._u = [tvm.runtime.empty((self.batch, p * p), "float32", self.dev)
                    for p in self.patch_nums] if self.kernel_sampler else None
-        self._settings, self._setting, self._mods = None, None, None   # _setting_tensors, _static_mods
+        # each scale's CFG weights and the sampler's [top_k, top_p]: one set, new settings copied in
+        self._settings = [tvm.runtime.empty((2,), "float32", self.dev) for _ in range(len(self.patch_nums) + 1)]
+        self._setting = self._mods = None   # the setting they hold; _static_mods
 
     timings: dict | None = None   # set to {} to record seconds per function call (device.bench)
 
@@ -171,12 +173,9 @@ class CompiledVAR:
         key = (float(cfg), int(top_k), float(top_p))
         if key != self._setting:
             S = len(self.patch_nums)
-            values = [cfg_weights(cfg, si, S) for si in range(S)] + [np.array([top_k, top_p], np.float32)]
-            if self._settings is None:
-                self._settings = [self._tensor(v) for v in values]
-            else:
-                for t, v in zip(self._settings, values):
-                    t.copyfrom(np.ascontiguousarray(v))
+            for t, v in zip(self._settings, [cfg_weights(cfg, si, S) for si in range(S)]
+                            + [np.array([top_k, top_p], np.float32)]):
+                t.copyfrom(v)
             self._setting = key
         return self._settings[:-1], self._settings[-1]
 
