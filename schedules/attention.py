@@ -17,12 +17,14 @@ at a panel boundary (scale_slots: d16's 680 tokens take 720 places), so a dense 
 starts at a panel; a windowed run starts at the panel holding its first key, the rows mask the
 keys before it, and its last step is 8 keys when that covers the run.
 
-CPU: one parallel task per (batch, head, block of 6 query rows); the rows of a block keep
-overlapping key runs, so the task computes their union once per key scale and masks each row
-to its own run. Scores come 16 keys × 6 rows per step (12 vector accumulators sharing each key
-load: 8 could not hide the FMA latency), then one softmax rescale per row and run, weights by a
-vectorised polynomial exp, and acc += p·V, 16 channels × 6 rows at a time, sharing each value
-load.
+CPU: the query rows of a (batch, head) go in blocks of 6, several blocks to a parallel task (a
+task allocates its buffers from TVM's workspace pool once, not once per block). The rows of a
+block keep overlapping key runs, so the block computes their union once per key scale and
+masks each row to its own run. Scores come 16 keys × 6 rows per step (12 vector accumulators
+sharing each key load: 8 could not hide the FMA latency), every key scale's run one after
+another; then one softmax per row over all of them (no rescale of the accumulators per run),
+weights by a vectorised polynomial exp, and acc += p·V, 16 channels × 6 rows at a time,
+sharing each value load.
 
 CUDA: one thread block per (batch, head, tile of 16 query rows), 4 threads per row. The block
 walks each key scale's union run in tiles of 16 keys staged in shared memory (keys as their
@@ -43,7 +45,8 @@ from schedules.kv_layout import KB, cache_row, key_at
 NEG_INF = -3.0e38
 KT = 2                # score vectors per step and query row
 STEP = KB * KT        # keys per step
-QB = 6                # query rows per task: QB × KT score vectors in registers share each key load
+QB = 6                # query rows per block: QB × KT score vectors in registers share each key load
+TASKS = 64            # parallel tasks to aim for: enough to balance a board's cores, few workspace allocations
 
 
 def key_run(i, n, nk, w):
@@ -129,16 +132,17 @@ def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
 def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, share: str | None,
                    map_bits: int | None = None):
     """The CPU kernel (module docstring). map_bits=8: a plan's 8-bit attention, rounded as the
-    per-row kernel does it (_attention_rows): a first walk over the key scales scores them,
-    keeps the scores of every scale and finds each row's max and sum; a second turns the kept
-    scores into weights on the row's grid and adds them times v."""
+    per-row kernel does it (_attention_rows): the weights e/l, e = exp(s − max), are put on the
+    row's grid before they multiply v."""
     half = NB // 2 if share else NB
     blocks = (n + QB - 1) // QB                  # query blocks per (batch, head)
+    per = max(1, min(blocks, half * H * blocks // TASKS))   # blocks per parallel task
+    chunks = (blocks + per - 1) // per
     lanes = KB if c % KB == 0 else 1
     cw = 2 * lanes if c % (2 * lanes) == 0 else lanes   # channels per p·V pass: QB × cw/8 accumulators
     steps = lambda cnt, size: (cnt + size - 1) // size  # noqa: E731
     quantized = map_bits is not None
-    levels = float(2 ** map_bits - 1) if quantized else 1.0   # (walk 1 never runs unquantized)
+    levels = float(2 ** map_bits - 1) if quantized else 1.0
 
     @T.macro
     def score_step(q, kv, sc, s8, b, h, i0, key, at, nv):
@@ -180,112 +184,96 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
     @T.prim_func(private=True)
     def attention(q: Q, kv: Cache, win: Windows, geom: Geom, out: Out):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        for task in T.parallel(half * H * blocks):
-            b = task // (H * blocks)
-            h = task // blocks % H
-            i0 = task % blocks * QB
-            m = T.decl_buffer((QB,), "float32", scope="local")
+        for task in T.parallel(half * H * chunks):
+            b = task // (H * chunks)
+            h = task // chunks % H
             l = T.decl_buffer((QB,), "float32", scope="local")
-            corr = T.decl_buffer((QB,), "float32", scope="local")
-            # scores, then weights, of one run (8-bit attention: of every scale's run, one after another)
-            sc = T.decl_buffer((QB, L + 2 * STEP * (S if quantized else 1)), "float32", scope="local")
-            off = T.decl_buffer((1,), "int32", scope="local")   # 8-bit: where the next run's scores go in sc
+            # the scores, then the weights, of every key scale's run, one run after another
+            sc = T.decl_buffer((QB, L + 2 * STEP * S), "float32", scope="local")
+            off = T.decl_buffer((1,), "int32", scope="local")       # where the next run starts in sc
             s8 = T.decl_buffer((QB, KT, KB), "float32", scope="local")
+            top = T.decl_buffer((QB, KB), "float32", scope="local")   # per row: lane-wise max so far
             red = T.decl_buffer((KB,), "float32", scope="local")
             pv = T.decl_buffer((QB, cw), "float32", scope="local")
             acc = T.decl_buffer((QB, c), "float32", scope="local")
             acc_u = T.decl_buffer((QB, c), "float32", scope="local")      # ASC "map": the other half
-            for r in T.unroll(QB):
-                m[r] = T.float32(NEG_INF)
-                l[r] = T.float32(0)
-                for cc in T.vectorized(c):
-                    acc[r, cc] = T.float32(0)
-                    acc_u[r, cc] = T.float32(0)
-            for walk in T.unroll(2 if quantized else 1):   # unrolled: each walk without the other's branches
+            # a task's blocks reuse its buffers: each task allocates them from TVM's workspace pool
+            for blk in range(T.min(per, blocks - task % chunks * per)):
+                i0 = (task % chunks * per + blk) * QB
+                for r in T.unroll(QB):
+                    for u in T.vectorized(KB):
+                        top[r, u] = T.float32(NEG_INF)
+                    for cc in T.vectorized(c):
+                        acc[r, cc] = T.float32(0)
+                        acc_u[r, cc] = T.float32(0)
+                # 1. scores: per key scale, QB rows × 16 keys per step over the rows' union run (the
+                # last step 8 keys if that covers it); each row's keys outside its own run masked
                 off[0] = 0
-                if walk == 1:
-                    # the weights are e·(1/l), e = exp(s − max); the largest is 1/l, so the grid's
-                    # unit is (1/l)/levels and a weight's level round(levels·e), no division
-                    for r in T.unroll(QB):
-                        corr[r] = T.max(T.float32(1) / (l[r] * T.float32(levels)), T.float32(1e-12))
                 for ks in range(qs + 1):
                     w = win[qs, h, ks]
                     nk = geom[ks, 1]
                     skip, lo, cnt = union_run(i0, QB, n, nk, w, geom[ks, 0])   # once for the block's rows
                     base = geom[ks, 0] + lo
-                    at = T.meta_var(off[0] if quantized else 0)            # the run's scores: sc[:, at:]
+                    at = off[0]
                     if cnt > skip:
-                        # scores: QB rows × 16 keys per step (the last step 8 if that covers the run)
                         nv = steps(cnt, KB)
-                        if walk == 0:
-                            for jb in range(nv // KT):
-                                score_step(q, kv, sc, s8, b, h, i0, base + jb * STEP, at + jb * STEP, KT)
-                            if nv % KT != 0:
-                                score_step(q, kv, sc, s8, b, h, i0, base + (nv - 1) * KB, at + (nv - 1) * KB, 1)
-                        # per row: its own run inside the union, the online-softmax rescale, the
-                        # weights (second walk of 8-bit attention: the weights on the row's grid)
+                        for jb in range(nv // KT):
+                            score_step(q, kv, sc, s8, b, h, i0, base + jb * STEP, at + jb * STEP, KT)
+                        if nv % KT != 0:
+                            score_step(q, kv, sc, s8, b, h, i0, base + (nv - 1) * KB, at + (nv - 1) * KB, 1)
                         for r in range(QB):
                             row_lo, row_hi = key_run(T.min(i0 + r, n - 1), n, nk, w)
-                            if walk == 1:
-                                for jb in range(steps(cnt, KB)):
-                                    for u in T.vectorized(KB):
-                                        sc[r, at + jb * KB + u] = T.Select(
-                                            (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
-                                            T.nearbyint(fast_exp(sc[r, at + jb * KB + u] - m[r]) * T.float32(levels))
-                                            * corr[r], T.float32(0))
-                            else:
+                            for jb in range(nv):
                                 for u in T.vectorized(KB):
-                                    red[u] = T.float32(NEG_INF)
-                                for jb in range(steps(cnt, KB)):
-                                    for u in T.vectorized(KB):
-                                        red[u] = T.max(red[u], T.Select(
-                                            (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
-                                            sc[r, at + jb * KB + u], T.float32(NEG_INF)))
-                                m_new = T.max(m[r], T.max(T.max(T.max(red[0], red[1]), T.max(red[2], red[3])),
-                                                          T.max(T.max(red[4], red[5]), T.max(red[6], red[7]))))
-                                corr[r] = fast_exp(m[r] - m_new)
-                                for u in T.vectorized(KB):
-                                    red[u] = T.float32(0)
-                                for jb in range(steps(cnt, KB)):
-                                    for u in T.vectorized(KB):
-                                        # Select, not if_then_else: TVM scalarises a vector if_then_else
-                                        if quantized:     # the scores stay for the second walk
-                                            red[u] = red[u] + T.Select(
-                                                (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
-                                                fast_exp(sc[r, at + jb * KB + u] - m_new), T.float32(0))
-                                        else:
-                                            sc[r, at + jb * KB + u] = T.Select(
-                                                (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
-                                                fast_exp(sc[r, at + jb * KB + u] - m_new), T.float32(0))
-                                            red[u] = red[u] + sc[r, at + jb * KB + u]
-                                l[r] = l[r] * corr[r] + (red[0] + red[1] + red[2] + red[3]
-                                                         + red[4] + red[5] + red[6] + red[7])
-                                m[r] = m_new
-                                if not quantized:
-                                    for cc in T.vectorized(c):
-                                        acc[r, cc] = acc[r, cc] * corr[r]
-                                    if share == "map":
-                                        for cc in T.vectorized(c):
-                                            acc_u[r, cc] = acc_u[r, cc] * corr[r]
-                        if walk == (1 if quantized else 0):      # the weights are final: add p·V
-                            add_weighted_values(kv, sc, pv, acc, b, h, base, skip, cnt, at)
-                            if share == "map":                    # the same weights, the other half's values
-                                add_weighted_values(kv, sc, pv, acc_u, b + half, h, base, skip, cnt, at)
-                        if quantized:
-                            off[0] = off[0] + nv * KB
-            if quantized:
-                for r in T.unroll(QB):
-                    l[r] = T.float32(1)      # the rounded weights already carry 1/l
-            for r in range(QB):
-                if i0 + r < n:
-                    for cc in T.vectorized(c):
-                        out[b, h, i0 + r, cc] = acc[r, cc] / l[r]
-                    if share == "map":
+                                    # adding −3e38 masks a score (it rounds to −3e38); LLVM turns
+                                    # Select(mask, s, −3e38) stored over s into a masked store, which
+                                    # is microcoded on AMD. Select, not if_then_else: TVM scalarises a
+                                    # vector if_then_else
+                                    sc[r, at + jb * KB + u] = sc[r, at + jb * KB + u] + T.Select(
+                                        (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
+                                        T.float32(0), T.float32(NEG_INF))
+                                    top[r, u] = T.max(top[r, u], sc[r, at + jb * KB + u])
+                        off[0] = at + nv * KB
+                # 2. per row, one softmax over all its kept keys: e = exp(s − max), 0 where masked
+                for r in range(QB):
+                    m = T.max(T.max(T.max(top[r, 0], top[r, 1]), T.max(top[r, 2], top[r, 3])),
+                              T.max(T.max(top[r, 4], top[r, 5]), T.max(top[r, 6], top[r, 7])))
+                    for u in T.vectorized(KB):
+                        red[u] = T.float32(0)
+                    for jb in range(off[0] // KB):
+                        for u in T.vectorized(KB):
+                            sc[r, jb * KB + u] = T.Select(sc[r, jb * KB + u] > T.float32(NEG_INF / 2),
+                                                          fast_exp(sc[r, jb * KB + u] - m), T.float32(0))
+                            red[u] = red[u] + sc[r, jb * KB + u]
+                    l[r] = (red[0] + red[1] + red[2] + red[3]) + (red[4] + red[5] + red[6] + red[7])
+                    if quantized:
+                        # the weights e·(1/l) on the row's grid: the largest is 1/l, so the grid's unit
+                        # is (1/l)/levels and a weight's level round(levels·e), no division
+                        unit = T.max(T.float32(1) / (l[r] * T.float32(levels)), T.float32(1e-12))
+                        for jb in range(off[0] // KB):
+                            for u in T.vectorized(KB):
+                                sc[r, jb * KB + u] = T.nearbyint(sc[r, jb * KB + u] * T.float32(levels)) * unit
+                        l[r] = T.float32(1)      # the rounded weights already carry 1/l
+                # 3. acc += p·V, run by run (ASC "map": the same weights, the other half's values too)
+                off[0] = 0
+                for ks in range(qs + 1):
+                    skip, lo, cnt = union_run(i0, QB, n, geom[ks, 1], win[qs, h, ks], geom[ks, 0])
+                    at = off[0]
+                    if cnt > skip:
+                        add_weighted_values(kv, sc, pv, acc, b, h, geom[ks, 0] + lo, skip, cnt, at)
+                        if share == "map":
+                            add_weighted_values(kv, sc, pv, acc_u, b + half, h, geom[ks, 0] + lo, skip, cnt, at)
+                        off[0] = at + steps(cnt, KB) * KB
+                for r in range(QB):
+                    if i0 + r < n:
                         for cc in T.vectorized(c):
-                            out[b + half, h, i0 + r, cc] = acc_u[r, cc] / l[r]
-                    if share == "output":
-                        for cc in T.vectorized(c):
-                            out[b + half, h, i0 + r, cc] = acc[r, cc] / l[r]
+                            out[b, h, i0 + r, cc] = acc[r, cc] / l[r]
+                        if share == "map":
+                            for cc in T.vectorized(c):
+                                out[b + half, h, i0 + r, cc] = acc_u[r, cc] / l[r]
+                        if share == "output":
+                            for cc in T.vectorized(c):
+                                out[b + half, h, i0 + r, cc] = acc[r, cc] / l[r]
 
     return attention.with_attr("tirx.is_scheduled", True)
 
@@ -326,7 +314,7 @@ def _attention_rows(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sh
     VW = 4 if vector and c % 4 == 0 else 1        # channels per load of q and of a value row
     R = cache_row(L, c)
     quantized = map_bits is not None              # a Python bool: the branches below are static
-    levels = float(2 ** map_bits - 1) if quantized else 1.0   # (walk 1 never runs unquantized)
+    levels = float(2 ** map_bits - 1) if quantized else 1.0
     assert 2 * NB * H * R < 2 ** 31, "the int32 views need a cache below 2³¹ floats"
     outer = (lambda e: T.thread_binding(e, thread="blockIdx.x")) if bound is True else (  # noqa: E731
         T.parallel if bound == "cpu" else T.serial)
