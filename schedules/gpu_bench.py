@@ -1,6 +1,7 @@
 """Kernels on a GPU, side by side. CUDA: W8A8 matmuls (our dp4a kernel, DLight's int8 matmul, an
-fp32 matmul) and attention at d16's last scale (the tiled kernel in several tilings, the
-one-thread-per-row kernel in fp32 and with 8-bit softmax weights).
+fp32 matmul), fp32 dense layers of few rows (our kernel for them against DLight's), and
+attention at d16's last scale (the tiled kernel in several tilings, the one-thread-per-row
+kernel in fp32 and with 8-bit softmax weights).
 OpenCL (Mali): the attention kernel with 16-byte loads against the same kernel one float at a time.
 
     python -m schedules.gpu_bench build --target h100 --out DIR   # here: one library per kernel and shape
@@ -36,6 +37,9 @@ from schedules.packing import pack_dp4a
 
 SHAPES = ((512, 1024, 3072), (338, 1024, 1024), (512, 4096, 1024))
 KINDS = ("dp4a", "dlight_int8", "dlight_fp32")
+FEW_ROWS = (2, 8, 18, 32, 72, 128, 200)          # fp32 dense layers at VAR's first scales (tokens × 2)
+FEW_ROWS_LAYERS = ((1024, 3072), (4096, 1024))   # d16's qkv and fc2: K, O
+FEW_ROWS_KINDS = ("rows", "dlight")              # matmul.dense_rows_gpu, or a Relax matmul + bias for DLight
 ATTN = {"NB": 2, "H": 16, "c": 64, "pns": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}   # d16, last scale
 ATTN_KERNELS = {   # name → (query rows, keys, threads per row, 4-float key loads, 4-float value loads),
     # None: the kernel's default; ("rows", bits): one thread per row, softmax weights on a `bits` grid or fp32
@@ -74,6 +78,13 @@ def weight(kind: str, q: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((q.astype(np.float32) * s[:, None]).T)
 
 
+def few_rows_inputs(M: int, K: int, O: int):
+    """fp32 activations, weights (K×O, the GPU layout) and bias of a dense layer."""
+    rng = np.random.default_rng(M * 7 + K + O)
+    return (rng.standard_normal((M, K), dtype=np.float32), (rng.standard_normal((K, O), dtype=np.float32) / 32),
+            rng.standard_normal(O, dtype=np.float32))
+
+
 def build(target: str, out: Path, log=print):
     import os
     os.environ.setdefault("TVM_CUDA_NVCC_NO_FAST_MATH", "1")   # the kernels' own arithmetic, as built
@@ -85,7 +96,7 @@ def build(target: str, out: Path, log=print):
     from compiler.build import check_cross_compiler, export, pipeline
     from compiler.lower.layers import placeholder
     from compiler.lower.params import param
-    from schedules import qmatmul
+    from schedules import matmul, qmatmul
 
     board = targets.load(target)
     if board.device not in ("cuda", "opencl"):
@@ -110,6 +121,18 @@ def build(target: str, out: Path, log=print):
                 return op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw)
             return op.matmul(op.multiply(op.astype(xq, "float32"), sx), self.w)
 
+    class FewRows(nn.Module):
+        def __init__(self, kind, M, K, O, w, b):
+            self.kind, self.shape = kind, (M, K, O)
+            self.w, self.b = param(w), param(b)
+
+        def forward(self, x):
+            M, K, O = self.shape
+            if self.kind == "rows":
+                return op.tensor_ir_op(matmul.dense_rows_gpu(M, K, O), "dense_rows", [x, self.w, self.b],
+                                       placeholder([M, O]))
+            return op.add(op.matmul(x, self.w), self.b)
+
     with new_dir(out) as tmp:
         for M, K, O in SHAPES:
             _, _, q, s = inputs(M, K, O)
@@ -120,9 +143,18 @@ def build(target: str, out: Path, log=print):
                     "$": {"param_mode": "plain", "effect_mode": "none"}}})
                 ex = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
                 export(ex, board, tmp / f"{kind}_{M}x{K}x{O}.so")   # cross-linked for an ARM board
+        few = [(M, K, O) for K, O in FEW_ROWS_LAYERS for M in FEW_ROWS]
+        for M, K, O in few:
+            _, w, b = few_rows_inputs(M, K, O)
+            for kind in FEW_ROWS_KINDS:
+                log(f"compiling fp32 dense {kind} {M}×{K}·{K}×{O} for {target}")
+                mod, _ = FewRows(kind, M, K, O, w, b).export_tvm(spec={"forward": {
+                    "x": nn.spec.Tensor([M, K], "float32"), "$": {"param_mode": "plain", "effect_mode": "none"}}})
+                ex = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
+                export(ex, board, tmp / f"few_{kind}_{M}x{K}x{O}.so")
         cases = build_attention(board, tmp, log)
         (tmp / "shapes.json").write_text(json.dumps({"target": target, "shapes": SHAPES, "kinds": KINDS,
-                                                     "attention": cases}))
+                                                     "few_rows": few, "attention": cases}))
     log(f"wrote {out}")
 
 
@@ -368,6 +400,16 @@ def run(lib_dir: Path, number: int, log=print) -> list:
                          "equal_to_exact": float((y == exact).mean())})
             log(f"{M}×{K}·{K}×{O} {kind:12} {us:9.1f} µs {rows[-1]['tops']:6.1f} TOPS  "
                 f"equal to the exact product: {rows[-1]['equal_to_exact']:.2%}")
+    for M, K, O in meta.get("few_rows", []):
+        x, w, b = few_rows_inputs(M, K, O)
+        want = x.astype(np.float64) @ w.astype(np.float64) + b
+        for kind in FEW_ROWS_KINDS:
+            vm = VirtualMachine(tvm.runtime.load_module(str(lib_dir / f"few_{kind}_{M}x{K}x{O}.so")), dev)
+            args = [tvm.runtime.tensor(a, dev) for a in (x, w, b)]   # the weights are parameters
+            diff = float(np.abs(vm["forward"](*args).numpy() - want).max())
+            us = vm.time_evaluator("forward", dev, number=number, repeat=5)(*args).median * 1e6
+            rows.append({"few_rows": [M, K, O], "kernel": kind, "us": us, "max_diff": diff})
+            log(f"fp32 dense {M}×{K}·{K}×{O} {kind:7} {us:8.1f} µs  max diff vs numpy {diff:.1e}")
     return rows + run_attention(lib_dir, meta.get("attention", {}), number, log)
 
 

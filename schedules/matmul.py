@@ -1,8 +1,9 @@
 """Dense layers y = x·Wᵀ + b in fp32 as scheduled TIR kernels for CPUs (LLVM), and the per-token
 int8 quantization of activations (quantized kernels: schedules/qmatmul.py).
 
-(GPU builds express dense layers as Relax matmuls, which DLight's matmul/GEMV rules schedule;
-of this file they use only the per-token quantization, bound to GPU threads.)
+(GPU builds express dense layers as Relax matmuls, which DLight's matmul/GEMV rules schedule,
+except that CUDA runs fp32 layers of few rows on dense_rows_gpu, at the end of this file; they
+also use the per-token quantization, bound to GPU threads.)
 
 Weights are stored pre-packed in panels of `LANES` output channels, wp[O/LANES, K, LANES], so the
 inner loop streams one contiguous panel while a tile of `mi` rows × LANES outputs stays in
@@ -178,3 +179,92 @@ def add_bias_gpu(M: int, O: int):
     sch = s_tir.Schedule(add_bias)
     bind_threads(sch, sch.fuse(*sch.get_loops(sch.get_sblock("add"))))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+ROWS_GPU = 128     # CUDA fp32 dense layers of up to this many rows run dense_rows_gpu (a scale's
+                   # tokens × 2 for CFG: VAR's scales 0–6 at batch 1)
+
+
+def gelu_tanh_exact(x):
+    """GELU, tanh form, with the target's tanh: what the GPU graph computes (layers.gelu_tanh)."""
+    inner = (x * x * x * tirx.const(0.044715, "float32") + x) * tirx.const(math.sqrt(2 / math.pi), "float32")
+    return x * tirx.const(0.5, "float32") * (tirx.tanh(inner) + tirx.const(1.0, "float32"))
+
+
+@lru_cache(maxsize=None)
+def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = True,
+                   TX: int = 8, TY: int = 32, MT: int = 8):
+    """y = x·W + b (then GELU with `gelu`) for few rows on a GPU: x M×K, W K×O (the GPU layout of
+    pack_weight), b O → y M×O, float32.
+
+    DLight's matmul rule tiles M by 32 and walks K in one thread block per 64 columns, so at 2
+    rows (VAR's first scale under CFG) a layer ran as 2–16 blocks that each read all of K in
+    sequence. Here K is split between the TY thread rows of a block: each thread sums every
+    TY-th input channel for up to MT rows × 4 columns (one 16-byte load of W per channel,
+    a warp reading whole rows of W), the partial sums meet in shared memory, and each thread adds
+    up TY of them for its outputs, with the bias and GELU. A block covers MT rows × 4·TX columns.
+    bound=False leaves the block and thread loops serial (each thread's sums in a slot of its
+    own), so tests run the same arithmetic on a CPU."""
+    VC = 4 if O % 4 == 0 else 1                 # columns per thread: one 16-byte load of W
+    CT = TX * VC                                # columns per block
+    MT = min(MT, M)                             # rows per block
+    threads = TX * TY
+    outs = (MT * CT + threads - 1) // threads   # outputs each thread sums in the second phase
+    steps = (K + TY - 1) // TY                  # input channels per thread
+    NT = 1 if bound else threads
+    slot = (lambda t: 0) if bound else (lambda t: t)  # noqa: E731
+    grid_x = (lambda e: T.thread_binding(e, thread="blockIdx.x")) if bound else T.serial  # noqa: E731
+    grid_y = (lambda e: T.thread_binding(e, thread="blockIdx.y")) if bound else T.serial  # noqa: E731
+    thr_x = (lambda e: T.thread_binding(e, thread="threadIdx.x")) if bound else T.serial  # noqa: E731
+    thr_y = (lambda e: T.thread_binding(e, thread="threadIdx.y")) if bound else T.serial  # noqa: E731
+    shared = "shared" if bound else "global"
+    i64 = T.int64
+    col = (lambda bx, tx, c: bx * CT + tx * VC + c) if O % CT == 0 else (  # noqa: E731
+        lambda bx, tx, c: T.min(bx * CT + tx * VC + c, O - 1))           # clamped reads past O
+
+    @T.macro
+    def barrier():
+        if bound:
+            T.tvm_storage_sync("shared")
+
+    @T.prim_func(private=True)
+    def dense(x: T.Buffer((i64(M), i64(K)), "float32"), w: T.Buffer((i64(K), i64(O)), "float32"),
+              b: T.Buffer((i64(O),), "float32"), y: T.Buffer((i64(M), i64(O)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        for by in grid_y((M + MT - 1) // MT):
+            for bx in grid_x((O + CT - 1) // CT):
+                part = T.decl_buffer((TY * MT * CT,), "float32", scope=shared)   # [thread row][row][column]
+                acc = T.decl_buffer((NT, MT * VC), "float32", scope="local")
+                wv = T.decl_buffer((NT, VC), "float32", scope="local")
+                for ty in thr_y(TY):
+                    for tx in thr_x(TX):
+                        t = T.meta_var(ty * TX + tx)
+                        for a in T.unroll(MT * VC):
+                            acc[slot(t), a] = T.float32(0)
+                        for s in range(steps):
+                            if K % TY == 0 or s * TY + ty < K:
+                                for c in T.vectorized(VC):
+                                    wv[slot(t), c] = w[s * TY + ty, col(bx, tx, c)]
+                                for r in T.unroll(MT):
+                                    for c in T.unroll(VC):
+                                        acc[slot(t), r * VC + c] = acc[slot(t), r * VC + c] + x[
+                                            T.min(by * MT + r, M - 1), s * TY + ty] * wv[slot(t), c]
+                        for r in T.unroll(MT):
+                            for c in T.unroll(VC):
+                                part[(ty * MT + r) * CT + tx * VC + c] = acc[slot(t), r * VC + c]
+                barrier()
+                for ty in thr_y(TY):
+                    for tx in thr_x(TX):
+                        for e in T.unroll(outs):
+                            o = e * threads + ty * TX + tx    # consecutive threads, consecutive columns
+                            if o < MT * CT and by * MT + o // CT < M and bx * CT + o % CT < O:
+                                tot = T.decl_buffer((1,), "float32", scope="local")
+                                tot[0] = b[bx * CT + o % CT]
+                                for p in range(TY):
+                                    tot[0] = tot[0] + part[(p * MT + o // CT) * CT + o % CT]
+                                if gelu:
+                                    y[by * MT + o // CT, bx * CT + o % CT] = gelu_tanh_exact(tot[0])
+                                else:
+                                    y[by * MT + o // CT, bx * CT + o % CT] = tot[0]
+
+    return dense.with_attr("tirx.is_scheduled", True)

@@ -115,6 +115,8 @@ def test_cuda_builds_replay_static_launch_runs_as_cuda_graphs(tiny):
                 for name, body in zip(blocks[1::2], blocks[2::2])}
     plain, graphs = kernels(False), kernels(True)
     assert any("attention" in k for k in plain["scale_1"]) and not any("cuda_graph" in f for f in plain)
+    # scale 1's 2 × 4 rows: every dense layer on the kernel for few rows, none left to DLight
+    assert any("dense_rows" in k for k in plain["scale_1"]) and not any("matmul" in k for k in plain["scale_1"])
     captured = [k for f, ks in graphs.items() if f.startswith("scale_1_cuda_graph_capture") for k in ks]
     assert len(graphs["scale_1"]) <= 4 and len(graphs["scale_1"]) + len(captured) == len(plain["scale_1"])
     assert any("attention" in k for k in captured) and any("kv_write" in k for k in captured)

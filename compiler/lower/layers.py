@@ -19,9 +19,10 @@ def placeholder(shape, dtype="float32"):
 
 class Dense(nn.Module):
     """y = x·Wᵀ + b from a torch Linear or a QuantLinear (w8a8, w4a16, w4a8), the weights in the
-    layout of the target's kernel: panels (CPU) or K×O (GPU, for DLight). `gpu`: False, "cuda"
-    or "opencl"; `int_dot`: the CPU's integer dot product for W8A8 and W4A8 ("pmaddwd", "sdot" or
-    None; CUDA W8A8 runs on dp4a)."""
+    layout of the target's kernel: panels (CPU) or K×O (GPU: DLight's matmuls, and on CUDA our
+    kernel for layers of at most matmul.ROWS_GPU rows). `gpu`: False, "cuda" or "opencl";
+    `int_dot`: the CPU's integer dot product for W8A8 and W4A8 ("pmaddwd", "sdot" or None; CUDA
+    W8A8 runs on dp4a)."""
 
     def __init__(self, linear, bias=None, gpu: str | bool = False, int_dot: str | None = None):
         self.gpu = gpu
@@ -67,7 +68,11 @@ class Dense(nn.Module):
             M *= int(d)
         K, O = self.in_features, self.out_features
         x2 = op.reshape(x, [M, K])
-        if self.gpu:
+        if self.gpu == "cuda" and self.scheme == "fp32" and M <= matmul.ROWS_GPU:
+            # few rows (VAR's first scales): K split between threads, not DLight's row tiles
+            y = op.tensor_ir_op(matmul.dense_rows_gpu(M, K, self.out_features, gelu), "dense_rows",
+                                [x2, self.wp, self.b], placeholder([M, self.out_features]))
+        elif self.gpu:
             y = self._forward_gpu(x2, M, K)
             y = gelu_tanh(y) if gelu else y
         else:
