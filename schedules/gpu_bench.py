@@ -37,7 +37,7 @@ from schedules.packing import pack_dp4a
 
 SHAPES = ((512, 1024, 3072), (338, 1024, 1024), (512, 4096, 1024))
 KINDS = ("dp4a", "dlight_int8", "dlight_fp32")
-FEW_ROWS = (2, 8, 18, 32, 72, 128, 200)          # fp32 dense layers at VAR's first scales (tokens × 2)
+FEW_ROWS = (2, 8, 18, 32, 72, 128, 200, 338, 512)   # fp32 dense layers at VAR's scales (tokens × 2)
 FEW_ROWS_LAYERS = ((1024, 3072), (4096, 1024))   # d16's qkv and fc2: K, O
 FEW_ROWS_KINDS = ("rows", "dlight")              # matmul.dense_rows_gpu, or a Relax matmul + bias for DLight
 ATTN = {"NB": 2, "H": 16, "c": 64, "pns": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}   # d16, last scale
