@@ -1,7 +1,7 @@
 """Kernels on a GPU, side by side. CUDA: W8A8 matmuls (our dp4a kernel, DLight's int8 matmul, an
-fp32 matmul), fp32 dense layers of few rows (our kernel for them against DLight's), and
-attention at d16's last scale (the tiled kernel in several tilings, the one-thread-per-row
-kernel in fp32 and with 8-bit softmax weights).
+fp32 matmul), dense layers of few rows (our fp32 and W8A8 kernels for them against DLight's
+matmul and the tiled dp4a kernel), and attention at d16's last scale (the tiled kernel in
+several tilings, the one-thread-per-row kernel in fp32 and with 8-bit softmax weights).
 OpenCL (Mali): the attention kernel with 16-byte loads against the same kernel one float at a time.
 
     python -m schedules.gpu_bench build --target h100 --out DIR   # here: one library per kernel and shape
@@ -40,6 +40,7 @@ KINDS = ("dp4a", "dlight_int8", "dlight_fp32")
 FEW_ROWS = (2, 8, 18, 32, 72, 128, 200, 338, 512)   # fp32 dense layers at VAR's scales (tokens × 2)
 FEW_ROWS_LAYERS = ((1024, 3072), (4096, 1024))   # d16's qkv and fc2: K, O
 FEW_ROWS_KINDS = ("rows", "dlight")              # matmul.dense_rows_gpu, or a Relax matmul + bias for DLight
+FEW_ROWS_W8A8 = (2, 8, 32, 72, 128, 200)         # W8A8 at those scales: dense_w8a8_dp4a_rows against dense_w8a8_dp4a
 ATTN = {"NB": 2, "H": 16, "c": 64, "pns": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}   # d16, last scale
 ATTN_KERNELS = {   # name → (query rows, keys, threads per row, 4-float key loads, 4-float value loads),
     # None: the kernel's default; ("rows", bits): one thread per row, softmax weights on a `bits` grid or fp32
@@ -71,7 +72,7 @@ def inputs(M: int, K: int, O: int):
 
 def weight(kind: str, q: np.ndarray, s: np.ndarray) -> np.ndarray:
     """The weight in each kernel's layout (pack_dp4a, as the compiler packs it; K×O for DLight)."""
-    if kind == "dp4a":
+    if kind in ("dp4a", "dp4a_rows"):
         return pack_dp4a(q)
     if kind == "dlight_int8":
         return np.ascontiguousarray(q.T)
@@ -113,9 +114,9 @@ def build(target: str, out: Path, log=print):
 
         def forward(self, xq, sx):
             M, K, O = self.shape
-            if self.kind == "dp4a":
-                return op.tensor_ir_op(qmatmul.dense_w8a8_dp4a(M, K, O), "dense_w8a8_dp4a",
-                                       [xq, sx, self.w, self.sw], placeholder([M, O]))
+            if self.kind in ("dp4a", "dp4a_rows"):
+                kernel = qmatmul.dense_w8a8_dp4a_rows if self.kind == "dp4a_rows" else qmatmul.dense_w8a8_dp4a
+                return op.tensor_ir_op(kernel(M, K, O), self.kind, [xq, sx, self.w, self.sw], placeholder([M, O]))
             if self.kind == "dlight_int8":
                 acc = op.matmul(xq, self.w, out_dtype="int32")
                 return op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw)
@@ -152,9 +153,24 @@ def build(target: str, out: Path, log=print):
                     "x": nn.spec.Tensor([M, K], "float32"), "$": {"param_mode": "plain", "effect_mode": "none"}}})
                 ex = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
                 export(ex, board, tmp / f"few_{kind}_{M}x{K}x{O}.so")
+        few_w8a8 = [(M, K, O) for K, O in FEW_ROWS_LAYERS for M in FEW_ROWS_W8A8]
+        for M, K, O in few_w8a8:
+            _, _, q, s = inputs(M, K, O)
+            log(f"compiling W8A8 dp4a_rows {M}×{K}·{K}×{O} for {target}")
+            mod, _ = Matmul("dp4a_rows", M, K, O, q, s).export_tvm(spec={"forward": {
+                "xq": nn.spec.Tensor([M, K], "int8"), "sx": nn.spec.Tensor([M, 1], "float32"),
+                "$": {"param_mode": "plain", "effect_mode": "none"}}})
+            export(tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target)), board,
+                   tmp / f"dp4a_rows_{M}x{K}x{O}.so")
+            mod, _ = Matmul("dp4a", M, K, O, q, s).export_tvm(spec={"forward": {
+                "xq": nn.spec.Tensor([M, K], "int8"), "sx": nn.spec.Tensor([M, 1], "float32"),
+                "$": {"param_mode": "plain", "effect_mode": "none"}}})
+            export(tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target)), board,
+                   tmp / f"dp4a_{M}x{K}x{O}.so")
         cases = build_attention(board, tmp, log)
         (tmp / "shapes.json").write_text(json.dumps({"target": target, "shapes": SHAPES, "kinds": KINDS,
-                                                     "few_rows": few, "attention": cases}))
+                                                     "few_rows": few, "few_rows_w8a8": few_w8a8,
+                                                     "attention": cases}))
     log(f"wrote {out}")
 
 
@@ -410,6 +426,16 @@ def run(lib_dir: Path, number: int, log=print) -> list:
             us = vm.time_evaluator("forward", dev, number=number, repeat=5)(*args).median * 1e6
             rows.append({"few_rows": [M, K, O], "kernel": kind, "us": us, "max_diff": diff})
             log(f"fp32 dense {M}×{K}·{K}×{O} {kind:7} {us:8.1f} µs  max diff vs numpy {diff:.1e}")
+    for M, K, O in meta.get("few_rows_w8a8", []):
+        xq, sx, q, s = inputs(M, K, O)
+        exact = (xq.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * sx * s
+        for kind in ("dp4a_rows", "dp4a"):
+            vm = VirtualMachine(tvm.runtime.load_module(str(lib_dir / f"{kind}_{M}x{K}x{O}.so")), dev)
+            args = [tvm.runtime.tensor(a, dev) for a in (xq, sx, weight(kind, q, s), s)]
+            equal = float((vm["forward"](*args).numpy() == exact).mean())
+            us = vm.time_evaluator("forward", dev, number=number, repeat=5)(*args).median * 1e6
+            rows.append({"few_rows_w8a8": [M, K, O], "kernel": kind, "us": us, "equal_to_exact": equal})
+            log(f"W8A8 {M}×{K}·{K}×{O} {kind:9} {us:8.1f} µs  equal to the exact product: {equal:.2%}")
     return rows + run_attention(lib_dir, meta.get("attention", {}), number, log)
 
 

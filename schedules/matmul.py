@@ -192,6 +192,18 @@ def gelu_tanh_exact(x):
     return x * tirx.const(0.5, "float32") * (tirx.tanh(inner) + tirx.const(1.0, "float32"))
 
 
+def gpu_loops(bound: bool, threads: int):
+    """The block and thread loops of a hand-written GPU kernel, and where its per-thread and shared
+    buffers live: bound to CUDA's indices, or (bound=False) serial loops that run on a CPU, each
+    thread's registers in a slot of their own and shared memory in global memory. Returns
+    (block_x, block_y, thread_x, thread_y, slots, slot, shared)."""
+    if bound:
+        bind = lambda axis: lambda e: T.thread_binding(e, thread=axis)  # noqa: E731
+        return (bind("blockIdx.x"), bind("blockIdx.y"), bind("threadIdx.x"), bind("threadIdx.y"), 1,
+                lambda t: 0, "shared")
+    return T.serial, T.serial, T.serial, T.serial, threads, lambda t: t, "global"
+
+
 @lru_cache(maxsize=None)
 def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = True,
                    TX: int = 8, TY: int = 32, MT: int = 8):
@@ -212,13 +224,7 @@ def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = Tru
     threads = TX * TY
     outs = (MT * CT + threads - 1) // threads   # outputs each thread sums in the second phase
     steps = (K + TY - 1) // TY                  # input channels per thread
-    NT = 1 if bound else threads
-    slot = (lambda t: 0) if bound else (lambda t: t)  # noqa: E731
-    grid_x = (lambda e: T.thread_binding(e, thread="blockIdx.x")) if bound else T.serial  # noqa: E731
-    grid_y = (lambda e: T.thread_binding(e, thread="blockIdx.y")) if bound else T.serial  # noqa: E731
-    thr_x = (lambda e: T.thread_binding(e, thread="threadIdx.x")) if bound else T.serial  # noqa: E731
-    thr_y = (lambda e: T.thread_binding(e, thread="threadIdx.y")) if bound else T.serial  # noqa: E731
-    shared = "shared" if bound else "global"
+    grid_x, grid_y, thr_x, thr_y, NT, slot, shared = gpu_loops(bound, threads)
     i64 = T.int64
     col = (lambda bx, tx, c: bx * CT + tx * VC + c) if O % CT == 0 else (  # noqa: E731
         lambda bx, tx, c: T.min(bx * CT + tx * VC + c, O - 1))           # clamped reads past O

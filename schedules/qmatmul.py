@@ -26,7 +26,7 @@ from tvm import te
 from tvm.script import tirx as T
 
 from compiler.errors import UserError
-from schedules.matmul import LANES, pack_weight, row_tile
+from schedules.matmul import LANES, gpu_loops, pack_weight, row_tile
 from schedules.packing import pack_dp4a  # noqa: F401  (re-exported: numpy-only, see schedules/packing.py)
 
 
@@ -384,6 +384,88 @@ def dense_w8a8_dp4a(M: int, K: int, O: int):
                                     y[by * T_ + i * N + ty, bx * T_ + j * N + tx] = (
                                         T.Cast("float32", acc[i * R + j]) * sx[by * T_ + i * N + ty, i64(0)]
                                         * ws[bx * T_ + j * N + tx])
+
+    return w8a8.with_attr("tirx.is_scheduled", True)
+
+
+ROWS_DP4A = 200    # CUDA W8A8 layers of up to this many rows run dense_w8a8_dp4a_rows (VAR's scales
+                   # 0–7 at batch 1): on an H200 it beat the tiled kernel at every row count
+                   # measured, 2 to 200 (README, H100 and H200)
+
+
+def dp4a(a, b, acc, bound: bool):
+    """acc + the dot product of the four int8 lanes of int32 words a and b: CUDA's __dp4a, or
+    (bound=False: the kernel's loops serial on a CPU) the same sum written out."""
+    if bound:
+        return T.call_pure_extern("int32", "__dp4a", a, b, acc)
+    lane = lambda w, i: T.Cast("int32", T.Cast("int8", T.shift_right(w, 8 * i)))  # noqa: E731
+    return acc + lane(a, 0) * lane(b, 0) + lane(a, 1) * lane(b, 1) + lane(a, 2) * lane(b, 2) + lane(a, 3) * lane(b, 3)
+
+
+@lru_cache(maxsize=None)
+def dense_w8a8_dp4a_rows(M: int, K: int, O: int, bound: bool = True, TX: int = 8, TY: int = 32, MT: int = 8):
+    """dense_w8a8_dp4a for few rows, with its inputs and arithmetic: the 64×64 tiles of that
+    kernel leave all but a few of their rows empty at VAR's first scales and walk K in one block
+    per 64 columns. Here, as in matmul.dense_rows_gpu, K (in int32 words of 4 inputs) is split
+    between the TY thread rows of a block, each thread sums up to MT rows × 4 columns (one
+    16-byte load of 4 weight words per step), and the int32 partial sums meet in shared memory,
+    so the sum is exact and the result the simulation's. bound=False: serial loops for tests."""
+    KW = K // 4
+    VC = 4 if O % 4 == 0 else 1
+    CT, MT = TX * VC, min(MT, M)
+    threads = TX * TY
+    outs = (MT * CT + threads - 1) // threads
+    steps = (KW + TY - 1) // TY
+    grid_x, grid_y, thr_x, thr_y, NT, slot, shared = gpu_loops(bound, threads)
+    col = (lambda bx, tx, c: bx * CT + tx * VC + c) if O % CT == 0 else (  # noqa: E731
+        lambda bx, tx, c: T.min(bx * CT + tx * VC + c, O - 1))
+    i64 = T.int64
+
+    @T.macro
+    def barrier():
+        if bound:
+            T.tvm_storage_sync("shared")
+
+    @T.prim_func(private=True)
+    def w8a8(x: T.Buffer((i64(M), i64(K)), "int8"), sx: T.Buffer((i64(M), i64(1)), "float32"),
+             wq: T.Buffer((i64(KW), i64(O), i64(4)), "int8"), ws: T.Buffer((i64(O),), "float32"),
+             y: T.Buffer((i64(M), i64(O)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        xw = T.decl_buffer((M * KW,), "int32", data=x.data)
+        ww = T.decl_buffer((KW * O,), "int32", data=wq.data)
+        for by in grid_y((M + MT - 1) // MT):
+            for bx in grid_x((O + CT - 1) // CT):
+                part = T.decl_buffer((TY * MT * CT,), "int32", scope=shared)   # [thread row][row][column]
+                acc = T.decl_buffer((NT, MT * VC), "int32", scope="local")
+                wv = T.decl_buffer((NT, VC), "int32", scope="local")
+                for ty in thr_y(TY):
+                    for tx in thr_x(TX):
+                        t = T.meta_var(ty * TX + tx)
+                        for a in T.unroll(MT * VC):
+                            acc[slot(t), a] = 0
+                        for s in range(steps):
+                            if KW % TY == 0 or s * TY + ty < KW:
+                                for c in T.vectorized(VC):
+                                    wv[slot(t), c] = ww[(s * TY + ty) * O + col(bx, tx, c)]
+                                for r in T.unroll(MT):
+                                    for c in T.unroll(VC):
+                                        acc[slot(t), r * VC + c] = dp4a(xw[T.min(by * MT + r, M - 1) * KW + s * TY + ty],
+                                                                        wv[slot(t), c], acc[slot(t), r * VC + c], bound)
+                        for r in T.unroll(MT):
+                            for c in T.unroll(VC):
+                                part[(ty * MT + r) * CT + tx * VC + c] = acc[slot(t), r * VC + c]
+                barrier()
+                for ty in thr_y(TY):
+                    for tx in thr_x(TX):
+                        for e in T.unroll(outs):
+                            o = e * threads + ty * TX + tx
+                            if o < MT * CT and by * MT + o // CT < M and bx * CT + o % CT < O:
+                                tot = T.decl_buffer((1,), "int32", scope="local")
+                                tot[0] = 0
+                                for p in range(TY):
+                                    tot[0] = tot[0] + part[(p * MT + o // CT) * CT + o % CT]
+                                y[by * MT + o // CT, bx * CT + o % CT] = (
+                                    T.Cast("float32", tot[0]) * sx[by * MT + o // CT, i64(0)] * ws[bx * CT + o % CT])
 
     return w8a8.with_attr("tirx.is_scheduled", True)
 

@@ -40,6 +40,22 @@ def test_dense_fp32_gelu_epilogue_matches_torch(M, K, O):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
 
 
+def assert_builds_for_sm87(src: str, tmp_path):
+    """Where nvcc is installed: the CUDA source compiles for sm_87 without register spills, its
+    shared memory within the 48 KB a kernel gets without opting in."""
+    import re
+    import subprocess
+
+    from compiler.build import find_nvcc
+    if find_nvcc():
+        (tmp_path / "a.cu").write_text(src)
+        r = subprocess.run([find_nvcc(), "-arch=sm_87", "-cubin", "-Xptxas", "-v", "-o", tmp_path / "a.cubin",
+                            tmp_path / "a.cu"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        smem = int(re.search(r"(\d+) bytes smem", r.stdout + r.stderr).group(1))
+        assert 0 < smem <= 48 * 1024 and "spill" not in re.sub(r"0 bytes spill", "", r.stdout + r.stderr)
+
+
 @pytest.mark.parametrize("M,K,O,gelu", [(2, 64, 128, False), (9, 40, 30, True), (18, 33, 64, False),
                                           (1, 8, 4, True)])
 def test_gpu_dense_for_few_rows_matches_numpy(M, K, O, gelu):
@@ -59,22 +75,38 @@ def test_gpu_dense_for_few_rows_compiles_for_orin_with_16_byte_weight_loads(tmp_
     """d16's fc2 at VAR's first scale (2 rows, 4096 → 1024) for sm_87: one 16-byte load of W per
     thread and input channel, the partial sums in shared memory within the 48 KB a kernel gets."""
     import re
-    import subprocess
 
     import targets
-    from compiler.build import find_nvcc
     f = matmul.dense_rows_gpu(2, 4096, 1024, True)
     ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}),
                      target=targets.load("jetson-orin").tvm_target())
     src = ex.mod.imports[0].inspect_source("")
     assert "__shared__" in src and "__syncthreads()" in src and re.search(r"\*\(float4\*\)\(w_ptr \+", src)
-    if find_nvcc():
-        (tmp_path / "a.cu").write_text(src)
-        r = subprocess.run([find_nvcc(), "-arch=sm_87", "-cubin", "-Xptxas", "-v", "-o", tmp_path / "a.cubin",
-                            tmp_path / "a.cu"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        smem = int(re.search(r"(\d+) bytes smem", r.stdout + r.stderr).group(1))
-        assert 0 < smem <= 48 * 1024 and "spill" not in re.sub(r"0 bytes spill", "", r.stdout + r.stderr)
+    assert_builds_for_sm87(src, tmp_path)
+
+
+@pytest.mark.parametrize("M,K,O", [(2, 64, 128), (9, 132, 30), (18, 40, 64)])
+def test_dp4a_w8a8_for_few_rows_is_exact(M, K, O):
+    """The W8A8 kernel for few rows, loops serial and __dp4a written out: the exact integer
+    product, scaled as the simulation does (bit-equal). 132 inputs are 33 words, which do not
+    divide between the 32 thread rows; 30 columns take single-word loads."""
+    from schedules.gpu_bench import inputs
+    xq, sx, q, s = inputs(M, K, O)
+    (y,) = run(qmatmul.dense_w8a8_dp4a_rows(M, K, O, bound=False), xq, sx, qmatmul.pack_dp4a(q), s,
+               out=[((M, O), "float32")])
+    exact = (xq.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * sx * s
+    np.testing.assert_array_equal(y, exact)
+
+
+def test_dp4a_w8a8_for_few_rows_compiles_for_orin_on_dp4a():
+    import re
+
+    import targets
+    f = qmatmul.dense_w8a8_dp4a_rows(2, 1024, 3072)
+    ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}),
+                     target=targets.load("jetson-orin").tvm_target())
+    src = ex.mod.imports[0].inspect_source("")
+    assert "__dp4a(" in src and "__shared__" in src and re.search(r"\*\(int4\*\)\(", src)
 
 
 def test_fast_tanh_is_within_4e_7_of_tanh():
@@ -270,10 +302,8 @@ def test_tiled_cuda_attention_compiles_for_orin_with_shared_tiles_and_16_byte_lo
     (single floats for ASC "map", which was faster so on the H100), and the block's shared
     memory fits the 48 KB a kernel gets without opting in."""
     import re
-    import subprocess
 
     import targets
-    from compiler.build import find_nvcc
     pns = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     f = attention.windowed_attention(2, 16, 256, 64, kv_layout.cache_len(pns), 10, 9, share, gpu="cuda")
     ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}),
@@ -282,13 +312,7 @@ def test_tiled_cuda_attention_compiles_for_orin_with_shared_tiles_and_16_byte_lo
     assert "__shared__" in src and "__syncthreads()" in src
     vector_loads = [re.search(rf"\*\(float4\*\)\({b}_sh_ptr \+", src) is not None for b in ("k", "v")]
     assert vector_loads == [share != "map"] * 2
-    if find_nvcc():
-        (tmp_path / "a.cu").write_text(src)
-        r = subprocess.run([find_nvcc(), "-arch=sm_87", "-cubin", "-Xptxas", "-v", "-o", tmp_path / "a.cubin",
-                            tmp_path / "a.cu"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        smem = int(re.search(r"(\d+) bytes smem", r.stdout + r.stderr).group(1))
-        assert 0 < smem <= 48 * 1024 and "spill" not in re.sub(r"0 bytes spill", "", r.stdout + r.stderr)
+    assert_builds_for_sm87(src, tmp_path)
 
 
 def simulated_8bit_attention(q, kv, win, pns, qs, share):

@@ -122,6 +122,19 @@ def test_cuda_builds_replay_static_launch_runs_as_cuda_graphs(tiny):
     assert any("attention" in k for k in captured) and any("kv_write" in k for k in captured)
 
 
+def test_cuda_dense_layers_of_few_rows_run_on_the_few_rows_kernels(tiny):
+    """The tiny model's scales have at most 2 × 16 rows: its fp32 layers (ffn.fc2 in the plan)
+    run on matmul.dense_rows_gpu, its W8A8 layers on qmatmul.dense_w8a8_dp4a_rows, none on
+    DLight's matmul or the tiled dp4a kernel; OpenCL builds keep DLight's."""
+    from compiler.build import lower
+    var, vae = tiny
+    names = lambda mod: [gv.name_hint for gv in mod.functions]  # noqa: E731
+    cuda = names(lower(var, vae, tiny_plan(var), 1, "cuda")[0])
+    assert any(n.startswith("dense_rows") for n in cuda) and any(n.startswith("dense_w8a8_dp4a_rows") for n in cuda)
+    assert not any(n.startswith("dense_w8a8_dp4a") and "rows" not in n for n in cuda)
+    assert not any(n.startswith("dense_rows") for n in names(lower(var, vae, tiny_plan(var), 1, "opencl")[0]))
+
+
 @needs_cross
 @pytest.mark.parametrize("name,device", [("mali-g610", "opencl"), ("rpi5", "cpu")])
 def test_arm_builds_are_aarch64(tiny, tmp_path, name, device):

@@ -111,8 +111,10 @@ class Dense(nn.Module):
                                 placeholder([M, O]))
             return op.add(y, self.b)
         if self.dot == "dp4a":
-            y = op.tensor_ir_op(qmatmul.dense_w8a8_dp4a(M, K, O), "dense_w8a8_dp4a", [xq, sx, self.wp, self.sw],
-                                placeholder([M, O]))
+            few = M <= qmatmul.ROWS_DP4A    # few rows: K split between threads, not 64×64 tiles
+            kernel = qmatmul.dense_w8a8_dp4a_rows(M, K, O) if few else qmatmul.dense_w8a8_dp4a(M, K, O)
+            y = op.tensor_ir_op(kernel, "dense_w8a8_dp4a_rows" if few else "dense_w8a8_dp4a",
+                                [xq, sx, self.wp, self.sw], placeholder([M, O]))
         else:   # OpenCL: an int8 matmul for DLight
             acc = op.matmul(xq, self.wp, out_dtype="int32")
             y = op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw)
