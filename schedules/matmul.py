@@ -204,28 +204,22 @@ def gpu_loops(bound: bool, threads: int):
     return T.serial, T.serial, T.serial, T.serial, threads, lambda t: t, "global"
 
 
-@lru_cache(maxsize=None)
-def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = True,
-                   TX: int = 8, TY: int = 32, MT: int = 8):
-    """y = x·W + b (then GELU with `gelu`) for few rows on a GPU: x M×K, W K×O (the GPU layout of
-    pack_weight), b O → y M×O, float32.
+def few_rows_body(M: int, R: int, O: int, dtype: str, bound: bool, TX: int, TY: int, MT: int):
+    """The body the GPU kernels for few rows share (dense_rows_gpu, qmatmul.dense_w8a8_dp4a_rows),
+    as a macro: body(y, w_at, mac, start, finish) with R reduction steps (inputs, or int32 words
+    of 4 inputs), w_at(step, column) the weight, mac(acc, row, step, w) one multiply-add, start(column)
+    the sum's first value and finish(sum, row, column) the output.
 
-    DLight's matmul rule tiles M by 32 and walks K in one thread block per 64 columns, so at 2
-    rows (VAR's first scale under CFG) a layer ran as 2–16 blocks that each read all of K in
-    sequence. Here K is split between the TY thread rows of a block: each thread sums every
-    TY-th input channel for up to MT rows × 4 columns (one 16-byte load of W per channel,
-    a warp reading whole rows of W), the partial sums meet in shared memory, and each thread adds
-    up TY of them for its outputs, with the bias and GELU. A block covers MT rows × 4·TX columns.
-    bound=False leaves the block and thread loops serial (each thread's sums in a slot of its
-    own), so tests run the same arithmetic on a CPU."""
+    K is split between the TY thread rows of a block: each thread sums every TY-th step for up to
+    MT rows × 4 columns (one 16-byte load of W per step, a warp reading whole rows of W), the
+    partial sums meet in shared memory, and each thread adds up TY of them for its outputs. A
+    block covers MT rows × 4·TX columns."""
     VC = 4 if O % 4 == 0 else 1                 # columns per thread: one 16-byte load of W
-    CT = TX * VC                                # columns per block
-    MT = min(MT, M)                             # rows per block
+    CT, MT = TX * VC, min(MT, M)                # columns and rows per block
     threads = TX * TY
     outs = (MT * CT + threads - 1) // threads   # outputs each thread sums in the second phase
-    steps = (K + TY - 1) // TY                  # input channels per thread
+    steps = (R + TY - 1) // TY                  # reduction steps per thread
     grid_x, grid_y, thr_x, thr_y, NT, slot, shared = gpu_loops(bound, threads)
-    i64 = T.int64
     col = (lambda bx, tx, c: bx * CT + tx * VC + c) if O % CT == 0 else (  # noqa: E731
         lambda bx, tx, c: T.min(bx * CT + tx * VC + c, O - 1))           # clamped reads past O
 
@@ -234,28 +228,26 @@ def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = Tru
         if bound:
             T.tvm_storage_sync("shared")
 
-    @T.prim_func(private=True)
-    def dense(x: T.Buffer((i64(M), i64(K)), "float32"), w: T.Buffer((i64(K), i64(O)), "float32"),
-              b: T.Buffer((i64(O),), "float32"), y: T.Buffer((i64(M), i64(O)), "float32")):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+    @T.macro
+    def body(y, w_at, mac, start, finish):
         for by in grid_y((M + MT - 1) // MT):
             for bx in grid_x((O + CT - 1) // CT):
-                part = T.decl_buffer((TY * MT * CT,), "float32", scope=shared)   # [thread row][row][column]
-                acc = T.decl_buffer((NT, MT * VC), "float32", scope="local")
-                wv = T.decl_buffer((NT, VC), "float32", scope="local")
+                part = T.decl_buffer((TY * MT * CT,), dtype, scope=shared)   # [thread row][row][column]
+                acc = T.decl_buffer((NT, MT * VC), dtype, scope="local")
+                wv = T.decl_buffer((NT, VC), dtype, scope="local")
                 for ty in thr_y(TY):
                     for tx in thr_x(TX):
                         t = T.meta_var(ty * TX + tx)
                         for a in T.unroll(MT * VC):
-                            acc[slot(t), a] = T.float32(0)
+                            acc[slot(t), a] = T.Cast(dtype, 0)
                         for s in range(steps):
-                            if K % TY == 0 or s * TY + ty < K:
+                            if R % TY == 0 or s * TY + ty < R:
                                 for c in T.vectorized(VC):
-                                    wv[slot(t), c] = w[s * TY + ty, col(bx, tx, c)]
+                                    wv[slot(t), c] = w_at(s * TY + ty, col(bx, tx, c))
                                 for r in T.unroll(MT):
                                     for c in T.unroll(VC):
-                                        acc[slot(t), r * VC + c] = acc[slot(t), r * VC + c] + x[
-                                            T.min(by * MT + r, M - 1), s * TY + ty] * wv[slot(t), c]
+                                        acc[slot(t), r * VC + c] = mac(acc[slot(t), r * VC + c],
+                                                                       T.min(by * MT + r, M - 1), s * TY + ty, wv[slot(t), c])
                         for r in T.unroll(MT):
                             for c in T.unroll(VC):
                                 part[(ty * MT + r) * CT + tx * VC + c] = acc[slot(t), r * VC + c]
@@ -265,13 +257,35 @@ def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = Tru
                         for e in T.unroll(outs):
                             o = e * threads + ty * TX + tx    # consecutive threads, consecutive columns
                             if o < MT * CT and by * MT + o // CT < M and bx * CT + o % CT < O:
-                                tot = T.decl_buffer((1,), "float32", scope="local")
-                                tot[0] = b[bx * CT + o % CT]
+                                tot = T.decl_buffer((1,), dtype, scope="local")
+                                tot[0] = start(bx * CT + o % CT)
                                 for p in range(TY):
                                     tot[0] = tot[0] + part[(p * MT + o // CT) * CT + o % CT]
-                                if gelu:
-                                    y[by * MT + o // CT, bx * CT + o % CT] = gelu_tanh_exact(tot[0])
-                                else:
-                                    y[by * MT + o // CT, bx * CT + o % CT] = tot[0]
+                                y[by * MT + o // CT, bx * CT + o % CT] = finish(
+                                    tot[0], by * MT + o // CT, bx * CT + o % CT)
+
+    return body
+
+
+@lru_cache(maxsize=None)
+def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = True,
+                   TX: int = 8, TY: int = 32, MT: int = 8):
+    """y = x·W + b (then GELU with `gelu`) for few rows on a GPU: x M×K, W K×O (the GPU layout of
+    pack_weight), b O → y M×O, float32.
+
+    DLight's matmul rule tiles M by 32 and walks K in one thread block per 64 columns, so at 2
+    rows (VAR's first scale under CFG) a layer ran as 2–16 blocks that each read all of K in
+    sequence. Here K is split between threads (few_rows_body), and the bias and GELU are added to
+    the summed partials. bound=False leaves the block and thread loops serial (each thread's sums
+    in a slot of its own), so tests run the same arithmetic on a CPU."""
+    i64 = T.int64
+    body = few_rows_body(M, K, O, "float32", bound, TX, TY, MT)
+
+    @T.prim_func(private=True)
+    def dense(x: T.Buffer((i64(M), i64(K)), "float32"), w: T.Buffer((i64(K), i64(O)), "float32"),
+              b: T.Buffer((i64(O),), "float32"), y: T.Buffer((i64(M), i64(O)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        body(y, lambda k, j: w[k, j], lambda acc, i, k, wk: acc + x[i, k] * wk, lambda j: b[j],
+             lambda tot, i, j: gelu_tanh_exact(tot) if gelu else tot)
 
     return dense.with_attr("tirx.is_scheduled", True)

@@ -26,7 +26,7 @@ from tvm import te
 from tvm.script import tirx as T
 
 from compiler.errors import UserError
-from schedules.matmul import LANES, gpu_loops, pack_weight, row_tile
+from schedules.matmul import LANES, few_rows_body, pack_weight, row_tile
 from schedules.packing import pack_dp4a  # noqa: F401  (re-exported: numpy-only, see schedules/packing.py)
 
 
@@ -406,25 +406,13 @@ def dp4a(a, b, acc, bound: bool):
 def dense_w8a8_dp4a_rows(M: int, K: int, O: int, bound: bool = True, TX: int = 8, TY: int = 32, MT: int = 8):
     """dense_w8a8_dp4a for few rows, with its inputs and arithmetic: the 64×64 tiles of that
     kernel leave all but a few of their rows empty at VAR's first scales and walk K in one block
-    per 64 columns. Here, as in matmul.dense_rows_gpu, K (in int32 words of 4 inputs) is split
-    between the TY thread rows of a block, each thread sums up to MT rows × 4 columns (one
-    16-byte load of 4 weight words per step), and the int32 partial sums meet in shared memory,
-    so the sum is exact and the result the simulation's. bound=False: serial loops for tests."""
+    per 64 columns. Here, as in matmul.dense_rows_gpu (matmul.few_rows_body), K is split between
+    threads in int32 words of 4 inputs, each step one __dp4a, and the int32 partial sums meet in
+    shared memory, so the sum is exact and the result the simulation's. bound=False: serial
+    loops for tests."""
     KW = K // 4
-    VC = 4 if O % 4 == 0 else 1
-    CT, MT = TX * VC, min(MT, M)
-    threads = TX * TY
-    outs = (MT * CT + threads - 1) // threads
-    steps = (KW + TY - 1) // TY
-    grid_x, grid_y, thr_x, thr_y, NT, slot, shared = gpu_loops(bound, threads)
-    col = (lambda bx, tx, c: bx * CT + tx * VC + c) if O % CT == 0 else (  # noqa: E731
-        lambda bx, tx, c: T.min(bx * CT + tx * VC + c, O - 1))
     i64 = T.int64
-
-    @T.macro
-    def barrier():
-        if bound:
-            T.tvm_storage_sync("shared")
+    body = few_rows_body(M, KW, O, "int32", bound, TX, TY, MT)
 
     @T.prim_func(private=True)
     def w8a8(x: T.Buffer((i64(M), i64(K)), "int8"), sx: T.Buffer((i64(M), i64(1)), "float32"),
@@ -433,39 +421,8 @@ def dense_w8a8_dp4a_rows(M: int, K: int, O: int, bound: bool = True, TX: int = 8
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         xw = T.decl_buffer((M * KW,), "int32", data=x.data)
         ww = T.decl_buffer((KW * O,), "int32", data=wq.data)
-        for by in grid_y((M + MT - 1) // MT):
-            for bx in grid_x((O + CT - 1) // CT):
-                part = T.decl_buffer((TY * MT * CT,), "int32", scope=shared)   # [thread row][row][column]
-                acc = T.decl_buffer((NT, MT * VC), "int32", scope="local")
-                wv = T.decl_buffer((NT, VC), "int32", scope="local")
-                for ty in thr_y(TY):
-                    for tx in thr_x(TX):
-                        t = T.meta_var(ty * TX + tx)
-                        for a in T.unroll(MT * VC):
-                            acc[slot(t), a] = 0
-                        for s in range(steps):
-                            if KW % TY == 0 or s * TY + ty < KW:
-                                for c in T.vectorized(VC):
-                                    wv[slot(t), c] = ww[(s * TY + ty) * O + col(bx, tx, c)]
-                                for r in T.unroll(MT):
-                                    for c in T.unroll(VC):
-                                        acc[slot(t), r * VC + c] = dp4a(xw[T.min(by * MT + r, M - 1) * KW + s * TY + ty],
-                                                                        wv[slot(t), c], acc[slot(t), r * VC + c], bound)
-                        for r in T.unroll(MT):
-                            for c in T.unroll(VC):
-                                part[(ty * MT + r) * CT + tx * VC + c] = acc[slot(t), r * VC + c]
-                barrier()
-                for ty in thr_y(TY):
-                    for tx in thr_x(TX):
-                        for e in T.unroll(outs):
-                            o = e * threads + ty * TX + tx
-                            if o < MT * CT and by * MT + o // CT < M and bx * CT + o % CT < O:
-                                tot = T.decl_buffer((1,), "int32", scope="local")
-                                tot[0] = 0
-                                for p in range(TY):
-                                    tot[0] = tot[0] + part[(p * MT + o // CT) * CT + o % CT]
-                                y[by * MT + o // CT, bx * CT + o % CT] = (
-                                    T.Cast("float32", tot[0]) * sx[by * MT + o // CT, i64(0)] * ws[bx * CT + o % CT])
+        body(y, lambda k, j: ww[k * O + j], lambda acc, i, k, wk: dp4a(xw[i * KW + k], wk, acc, bound),
+             lambda j: T.int32(0), lambda tot, i, j: T.Cast("float32", tot) * sx[i, i64(0)] * ws[j])
 
     return w8a8.with_attr("tirx.is_scheduled", True)
 
