@@ -134,39 +134,24 @@ def build(target: str, out: Path, log=print):
                                        placeholder([M, O]))
             return op.add(op.matmul(x, self.w), self.b)
 
+    def compile_to(module, inputs_spec, path):
+        log(f"compiling {path.stem} for {target}")
+        mod, _ = module.export_tvm(spec={"forward": inputs_spec | {"$": {"param_mode": "plain", "effect_mode": "none"}}})
+        export(tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target)), board, path)  # cross-linked
+
+    int8_spec = lambda M, K: {"xq": nn.spec.Tensor([M, K], "int8"), "sx": nn.spec.Tensor([M, 1], "float32")}  # noqa: E731
+    few = [(M, K, O) for K, O in FEW_ROWS_LAYERS for M in FEW_ROWS]
+    few_w8a8 = [(M, K, O) for K, O in FEW_ROWS_LAYERS for M in FEW_ROWS_W8A8]
     with new_dir(out) as tmp:
-        for M, K, O in SHAPES:
+        for (M, K, O), kinds in [(shape, KINDS) for shape in SHAPES] + [(shape, ("dp4a_rows", "dp4a")) for shape in few_w8a8]:
             _, _, q, s = inputs(M, K, O)
-            for kind in KINDS:
-                log(f"compiling {kind} {M}×{K}·{K}×{O} for {target}")
-                mod, _ = Matmul(kind, M, K, O, q, s).export_tvm(spec={"forward": {
-                    "xq": nn.spec.Tensor([M, K], "int8"), "sx": nn.spec.Tensor([M, 1], "float32"),
-                    "$": {"param_mode": "plain", "effect_mode": "none"}}})
-                ex = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
-                export(ex, board, tmp / f"{kind}_{M}x{K}x{O}.so")   # cross-linked for an ARM board
-        few = [(M, K, O) for K, O in FEW_ROWS_LAYERS for M in FEW_ROWS]
+            for kind in kinds:
+                compile_to(Matmul(kind, M, K, O, q, s), int8_spec(M, K), tmp / f"{kind}_{M}x{K}x{O}.so")
         for M, K, O in few:
             _, w, b = few_rows_inputs(M, K, O)
             for kind in FEW_ROWS_KINDS:
-                log(f"compiling fp32 dense {kind} {M}×{K}·{K}×{O} for {target}")
-                mod, _ = FewRows(kind, M, K, O, w, b).export_tvm(spec={"forward": {
-                    "x": nn.spec.Tensor([M, K], "float32"), "$": {"param_mode": "plain", "effect_mode": "none"}}})
-                ex = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target))
-                export(ex, board, tmp / f"few_{kind}_{M}x{K}x{O}.so")
-        few_w8a8 = [(M, K, O) for K, O in FEW_ROWS_LAYERS for M in FEW_ROWS_W8A8]
-        for M, K, O in few_w8a8:
-            _, _, q, s = inputs(M, K, O)
-            log(f"compiling W8A8 dp4a_rows {M}×{K}·{K}×{O} for {target}")
-            mod, _ = Matmul("dp4a_rows", M, K, O, q, s).export_tvm(spec={"forward": {
-                "xq": nn.spec.Tensor([M, K], "int8"), "sx": nn.spec.Tensor([M, 1], "float32"),
-                "$": {"param_mode": "plain", "effect_mode": "none"}}})
-            export(tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target)), board,
-                   tmp / f"dp4a_rows_{M}x{K}x{O}.so")
-            mod, _ = Matmul("dp4a", M, K, O, q, s).export_tvm(spec={"forward": {
-                "xq": nn.spec.Tensor([M, K], "int8"), "sx": nn.spec.Tensor([M, 1], "float32"),
-                "$": {"param_mode": "plain", "effect_mode": "none"}}})
-            export(tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline(tvm_target)), board,
-                   tmp / f"dp4a_{M}x{K}x{O}.so")
+                compile_to(FewRows(kind, M, K, O, w, b), {"x": nn.spec.Tensor([M, K], "float32")},
+                           tmp / f"few_{kind}_{M}x{K}x{O}.so")
         cases = build_attention(board, tmp, log)
         (tmp / "shapes.json").write_text(json.dumps({"target": target, "shapes": SHAPES, "kinds": KINDS,
                                                      "few_rows": few, "few_rows_w8a8": few_w8a8,
@@ -404,38 +389,29 @@ def run(lib_dir: Path, number: int, log=print) -> list:
     load_gpu_runtime("cuda", lib_dir)
     dev = tvm.cuda(0)
     rows = []
-    for M, K, O in meta["shapes"]:
-        xq, sx, q, s = inputs(M, K, O)
-        exact = (xq.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * sx * s
-        for kind in KINDS:
-            vm = VirtualMachine(tvm.runtime.load_module(str(lib_dir / f"{kind}_{M}x{K}x{O}.so")), dev)
-            args = [tvm.runtime.tensor(a, dev) for a in (xq, sx, weight(kind, q, s), s)]
-            y = vm["forward"](*args).numpy()
-            us = vm.time_evaluator("forward", dev, number=number, repeat=5)(*args).median * 1e6
-            rows.append({"shape": [M, K, O], "kernel": kind, "us": us, "tops": 2.0 * M * K * O / us / 1e6,
-                         "equal_to_exact": float((y == exact).mean())})
-            log(f"{M}×{K}·{K}×{O} {kind:12} {us:9.1f} µs {rows[-1]['tops']:6.1f} TOPS  "
-                f"equal to the exact product: {rows[-1]['equal_to_exact']:.2%}")
+    def timed(lib, arrays):
+        """The library's output on `arrays` (inputs, then the weights: they are parameters) and µs a call."""
+        vm = VirtualMachine(tvm.runtime.load_module(str(lib_dir / lib)), dev)
+        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+        return vm["forward"](*args).numpy(), vm.time_evaluator("forward", dev, number=number, repeat=5)(*args).median * 1e6
+
+    for key, row_key, kinds in (("shapes", "shape", KINDS), ("few_rows_w8a8", "few_rows_w8a8", ("dp4a_rows", "dp4a"))):
+        for M, K, O in meta.get(key, []):
+            xq, sx, q, s = inputs(M, K, O)
+            exact = (xq.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * sx * s
+            for kind in kinds:
+                y, us = timed(f"{kind}_{M}x{K}x{O}.so", (xq, sx, weight(kind, q, s), s))
+                rows.append({row_key: [M, K, O], "kernel": kind, "us": us, "tops": 2.0 * M * K * O / us / 1e6,
+                             "equal_to_exact": float((y == exact).mean())})
+                log(f"W8A8 {M}×{K}·{K}×{O} {kind:12} {us:9.1f} µs {rows[-1]['tops']:6.1f} TOPS  "
+                    f"equal to the exact product: {rows[-1]['equal_to_exact']:.2%}")
     for M, K, O in meta.get("few_rows", []):
         x, w, b = few_rows_inputs(M, K, O)
         want = x.astype(np.float64) @ w.astype(np.float64) + b
         for kind in FEW_ROWS_KINDS:
-            vm = VirtualMachine(tvm.runtime.load_module(str(lib_dir / f"few_{kind}_{M}x{K}x{O}.so")), dev)
-            args = [tvm.runtime.tensor(a, dev) for a in (x, w, b)]   # the weights are parameters
-            diff = float(np.abs(vm["forward"](*args).numpy() - want).max())
-            us = vm.time_evaluator("forward", dev, number=number, repeat=5)(*args).median * 1e6
-            rows.append({"few_rows": [M, K, O], "kernel": kind, "us": us, "max_diff": diff})
-            log(f"fp32 dense {M}×{K}·{K}×{O} {kind:7} {us:8.1f} µs  max diff vs numpy {diff:.1e}")
-    for M, K, O in meta.get("few_rows_w8a8", []):
-        xq, sx, q, s = inputs(M, K, O)
-        exact = (xq.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * sx * s
-        for kind in ("dp4a_rows", "dp4a"):
-            vm = VirtualMachine(tvm.runtime.load_module(str(lib_dir / f"{kind}_{M}x{K}x{O}.so")), dev)
-            args = [tvm.runtime.tensor(a, dev) for a in (xq, sx, weight(kind, q, s), s)]
-            equal = float((vm["forward"](*args).numpy() == exact).mean())
-            us = vm.time_evaluator("forward", dev, number=number, repeat=5)(*args).median * 1e6
-            rows.append({"few_rows_w8a8": [M, K, O], "kernel": kind, "us": us, "equal_to_exact": equal})
-            log(f"W8A8 {M}×{K}·{K}×{O} {kind:9} {us:8.1f} µs  equal to the exact product: {equal:.2%}")
+            y, us = timed(f"few_{kind}_{M}x{K}x{O}.so", (x, w, b))
+            rows.append({"few_rows": [M, K, O], "kernel": kind, "us": us, "max_diff": float(np.abs(y - want).max())})
+            log(f"fp32 dense {M}×{K}·{K}×{O} {kind:7} {us:8.1f} µs  max diff vs numpy {rows[-1]['max_diff']:.1e}")
     return rows + run_attention(lib_dir, meta.get("attention", {}), number, log)
 
 

@@ -68,13 +68,8 @@ class Dense(nn.Module):
             M *= int(d)
         K, O = self.in_features, self.out_features
         x2 = op.reshape(x, [M, K])
-        if self.gpu == "cuda" and self.scheme == "fp32" and M <= matmul.ROWS_GPU:
-            # few rows (VAR's first scales): K split between threads, not DLight's row tiles
-            y = op.tensor_ir_op(matmul.dense_rows_gpu(M, K, self.out_features, gelu), "dense_rows",
-                                [x2, self.wp, self.b], placeholder([M, self.out_features]))
-        elif self.gpu:
-            y = self._forward_gpu(x2, M, K)
-            y = gelu_tanh(y) if gelu else y
+        if self.gpu:
+            y = self._forward_gpu(x2, M, K, gelu)
         else:
             Mp = padded_rows(M, self.scheme)
             y = unpad_rows(self.rows(pad_rows(x2, Mp), Mp, gelu), M)
@@ -95,10 +90,20 @@ class Dense(nn.Module):
             y = op.add(y, self.b)
         return gelu_tanh(y) if gelu else y
 
-    def _forward_gpu(self, x2, M, K):
+    def _forward_gpu(self, x2, M, K, gelu: bool):
         """Plain Relax matmuls (weights K×O) that DLight's GPU rules schedule, fused with the
-        epilogue; W8A8 multiplies int8 by int8 into int32 like the CPU kernel (on CUDA with
-        dp4a, in our kernel)."""
+        epilogue, except on CUDA for few rows (VAR's first scales), where our kernels split K
+        between threads instead of DLight's row tiles; W8A8 multiplies int8 by int8 into int32
+        like the CPU kernel (on CUDA with dp4a, in our kernels)."""
+        O = self.out_features
+        if self.scheme == "fp32" and self.gpu == "cuda" and M <= matmul.ROWS_GPU:
+            return op.tensor_ir_op(matmul.dense_rows_gpu(M, K, O, gelu), "dense_rows", [x2, self.wp, self.b],
+                                   placeholder([M, O]))
+        y = self._matmul_gpu(x2, M, K)
+        return gelu_tanh(y) if gelu else y
+
+    def _matmul_gpu(self, x2, M, K):
+        """x2·W + b on the GPU, on DLight's matmuls or dp4a (_forward_gpu)."""
         O = self.out_features
         if self.scheme == "fp32":
             return op.add(op.matmul(x2, self.wp), self.b)
@@ -111,7 +116,7 @@ class Dense(nn.Module):
                                 placeholder([M, O]))
             return op.add(y, self.b)
         if self.dot == "dp4a":
-            few = M <= qmatmul.ROWS_DP4A    # few rows: K split between threads, not 64×64 tiles
+            few = M <= qmatmul.ROWS_DP4A
             kernel = qmatmul.dense_w8a8_dp4a_rows(M, K, O) if few else qmatmul.dense_w8a8_dp4a(M, K, O)
             y = op.tensor_ir_op(kernel, "dense_w8a8_dp4a_rows" if few else "dense_w8a8_dp4a",
                                 [xq, sx, self.wp, self.sw], placeholder([M, O]))
