@@ -9,27 +9,29 @@ One kernel covers the three cases of a plan:
   both halves' values, "output" copies the conditional output to the unconditional half.
 
 Cache layout, per block: 2 × NB × H × (⌈L/8⌉·8·c) for L places, keys in panels of 8 (panel t
-holds keys 8t … 8t+7, channel-major: c × 8) and values row-major (V[b, h] is L × c). Panels let
-the CPU kernel compute the scores of 16 consecutive keys as two vectors, with no horizontal
-sums, while reading one contiguous 4 KB block per step (keys transposed over all of L put every
-channel of a step in another cache line: one L1 miss per channel and step). Each scale starts
-at a panel boundary (scale_slots: d16's 680 tokens take 720 places), so a dense run of keys
-starts at a panel; a windowed run starts at the panel holding its first key, the rows mask the
-keys before it, and its last step is 8 keys when that covers the run.
+holds keys 8t … 8t+7, channel-major: c × 8) and values row-major (V[b, h] is L × c). Panels give
+the GPU kernels whole 16-byte loads of consecutive keys (a CUDA tile stages them as they are,
+OpenCL reads 4 keys a load); the CPU kernel reads single keys. Each scale starts at a panel
+boundary (scale_slots: d16's 680 tokens take 720 places), so a dense run of keys starts at a
+panel; a windowed run starts at the panel holding its first key.
 
-CPU: the query rows of a (batch, head) go in blocks of 6, several blocks to a parallel task (a
-task allocates its buffers from TVM's workspace pool once, not once per block: the pool's
-allocate and free were ~14 % of a narrow-window call). The rows of a block keep overlapping key
-runs, so the block computes their union once per key scale and masks each row to its own run.
-Scores come 16 keys × 6 rows per step (12 vector accumulators sharing each key load: 8 could
-not hide the FMA latency), every key scale's run one after another; then one exact softmax per
-row over all of them, weights by a vectorised polynomial exp, and acc += p·V, 16 channels × 6
-rows at a time, sharing each value load. Not an online softmax: a block's scores fit the caches
-(6 rows × L floats, 17 KB at d16), and holding them lets the 8-bit attention round the final
-weights without walking the keys twice (2.0–2.2× the fp32 kernel's time before, 0.8–0.9×
-now); fp32 loses nothing (the same time dense, ~10 % less with ASC map, which rescaled two
-accumulators per run). The GPU kernels keep the online softmax: their shared memory holds a
-tile, not a row.
+CPU: a block is 8 query rows of a (batch, head), one per vector lane; several blocks go to a
+parallel task (a task allocates its buffers from TVM's workspace pool once, not once per block:
+the pool's allocate and free were ~14 % of a narrow-window call). The block lists its keys once:
+per key scale the union of its rows' runs (runs grow with the row: the first row's start to the
+last row's end), each key with a mask per row, 0 on the row's run and −3e38 off it. Scores come
+7 listed keys a step, across key scales: per channel, one vector of the 8 rows' q times one
+broadcast of each key's channel (7 accumulators, 2 q vectors and 7 broadcasts fill AVX2's 16
+registers; with 8 keys LLVM spilled an accumulator, and the spill's store and reload sat in the
+FMA chain). q is transposed once per block, 8 × 8 tiles by register shuffles. Then one exact
+softmax per row, lane-wise across the rows (maximum and sum need no horizontal reductions),
+weights by a vectorised polynomial exp, and out = p·V in passes of 4 rows × 16 channels that
+share each value load. Rows as lanes because the keys a block computes then follow its rows'
+runs to the key: at d16's last scale with windows of 4, 1.30× the kept pairs (counted), where
+keys as lanes (16 keys of a panel per step, the kernel before) computed whole panels, 2.16×.
+Not an online softmax: a block's scores fit the caches (L × 8 floats, 22 KB at d16), and
+holding them lets the 8-bit attention round the final weights without walking the keys twice.
+The GPU kernels keep the online softmax: their shared memory holds a tile, not a row.
 
 CUDA: one thread block per (batch, head, tile of 16 query rows), 4 threads per row. The block
 walks each key scale's union run in tiles of 16 keys staged in shared memory (keys as their
@@ -48,9 +50,9 @@ from tvm.script import tirx as T
 from schedules.kv_layout import KB, cache_row, key_at
 
 NEG_INF = -3.0e38
-KT = 2                # score vectors per step and query row
-STEP = KB * KT        # keys per step
-QB = 6                # query rows per block: QB × KT score vectors in registers share each key load
+RB = 8                # query rows per CPU block: the 8 lanes of a vector
+KJ = 7                # keys per score step: 7 accumulators, 2 q vectors and 7 broadcasts fill AVX2's 16 registers
+PR = 4                # rows per p·V pass: 4 rows × 16 channels, 8 accumulators share each value load
 TASKS = 64            # parallel tasks to aim for: enough to balance a board's cores, few workspace allocations
 
 
@@ -140,49 +142,56 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
     per-row kernel does it (_attention_rows): the weights e/l, e = exp(s − max), are put on the
     row's grid before they multiply v."""
     half = NB // 2 if share else NB
-    blocks = (n + QB - 1) // QB                  # query blocks per (batch, head)
+    blocks = (n + RB - 1) // RB                  # query blocks per (batch, head)
     per = max(1, min(blocks, half * H * blocks // TASKS))   # blocks per parallel task
     chunks = (blocks + per - 1) // per
-    lanes = KB if c % KB == 0 else 1
-    cw = 2 * lanes if c % (2 * lanes) == 0 else lanes   # channels per p·V pass: QB × cw/8 accumulators
-    steps = lambda cnt, size: (cnt + size - 1) // size  # noqa: E731
+    cw = 16 if c % 16 == 0 else (8 if c % 8 == 0 else c)  # channels per p·V pass
     quantized = map_bits is not None
     levels = float(2 ** map_bits - 1) if quantized else 1.0
 
     @T.macro
-    def score_step(q, kv, sc, s8, b, h, i0, key, at, nv):
-        """Scores of QB rows against nv vectors of KB keys from cache place `key` (the start of a
-        panel), stored at sc[:, at:]: each key vector loaded once for all rows."""
-        for r in T.unroll(QB):
-            for t in T.unroll(nv):
-                for u in T.vectorized(KB):
-                    s8[r, t, u] = T.float32(0)
+    def gather_rows(q, qt, b, h, i0):
+        """qt[:, u] = q row i0+u (the last row again past n), one float at a time."""
         for cc in range(c):
-            for r in T.unroll(QB):
-                for t in T.unroll(nv):
-                    for u in T.vectorized(KB):
-                        s8[r, t, u] = s8[r, t, u] + q[b, h, T.min(i0 + r, n - 1), cc] * kv[
-                            0, b, h, (key // KB + t) * (KB * c) + cc * KB + u]
-        for r in T.unroll(QB):
-            for t in T.unroll(nv):
-                for u in T.vectorized(KB):
-                    sc[r, at + t * KB + u] = s8[r, t, u]
+            for u in T.vectorized(RB):
+                qt[cc, u] = q[b, h, T.min(i0 + u, n - 1), cc]
 
     @T.macro
-    def add_weighted_values(kv, sc, pv, acc, b, h, base, skip, cnt, at):
-        """acc += p·V of batch row b over the run (weights sc[:, at:]), cw channels at a time:
-        each value vector loaded once for all rows."""
+    def score_keys(qt, kv, sc, acc, top, kpl, b, h, p0):
+        """Scores of the block's rows (lanes) against the listed keys p0 … p0+KJ−1 (cache places
+        kpl), added to their masks in sc: per channel one q vector for all KJ keys and one
+        broadcast per key."""
+        for t in T.unroll(KJ):
+            for u in T.vectorized(RB):
+                acc[t, u] = T.float32(0)
+        for cc in range(c):
+            for t in T.unroll(KJ):
+                for u in T.vectorized(RB):
+                    acc[t, u] = acc[t, u] + qt[cc, u] * kv[0, b, h, key_at(kpl[p0 + t], cc, c)]
+        for t in T.unroll(KJ):
+            for u in T.vectorized(RB):
+                sc[p0 + t, u] = sc[p0 + t, u] + acc[t, u]
+                top[u] = T.max(top[u], sc[p0 + t, u])
+
+    @T.macro
+    def weighted_values(kv, sc, kpl, off, pv, rl, out, b, h, i0, g):
+        """out rows i0+g … i0+g+PR−1 of batch row b = (Σ p·v over the listed keys)·rl, cw channels
+        a pass, each value vector loaded once for the PR rows (ASC "output": copied to b + half)."""
         for ch in range(c // cw):
-            for r in T.unroll(QB):
+            for r in T.unroll(PR):
                 for u in T.vectorized(cw):
                     pv[r, u] = T.float32(0)
-            for j in range(skip, cnt):
-                for r in T.unroll(QB):
+            for p in range(off[0]):
+                for r in T.unroll(PR):
                     for u in T.vectorized(cw):
-                        pv[r, u] = pv[r, u] + sc[r, at + j] * kv[1, b, h, (base + j) * c + ch * cw + u]
-            for r in T.unroll(QB):
-                for u in T.vectorized(cw):
-                    acc[r, ch * cw + u] = acc[r, ch * cw + u] + pv[r, u]
+                        pv[r, u] = pv[r, u] + sc[p, g + r] * kv[1, b, h, kpl[p] * c + ch * cw + u]
+            for r in T.unroll(PR):
+                if i0 + g + r < n:
+                    for u in T.vectorized(cw):
+                        out[b, h, i0 + g + r, ch * cw + u] = pv[r, u] * rl[g + r]
+                    if share == "output":
+                        for u in T.vectorized(cw):
+                            out[b + half, h, i0 + g + r, ch * cw + u] = pv[r, u] * rl[g + r]
 
     Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
 
@@ -192,93 +201,86 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
         for task in T.parallel(half * H * chunks):
             b = task // (H * chunks)
             h = task // chunks % H
-            l = T.decl_buffer((QB,), "float32", scope="local")
-            # the scores, then the weights, of every key scale's run, one run after another
-            sc = T.decl_buffer((QB, L + 2 * STEP * S), "float32", scope="local")
-            off = T.decl_buffer((1,), "int32", scope="local")       # where the next run starts in sc
-            s8 = T.decl_buffer((QB, KT, KB), "float32", scope="local")
-            top = T.decl_buffer((QB, KB), "float32", scope="local")   # per row: lane-wise max so far
-            red = T.decl_buffer((KB,), "float32", scope="local")
-            pv = T.decl_buffer((QB, cw), "float32", scope="local")
-            acc = T.decl_buffer((QB, c), "float32", scope="local")
-            acc_u = T.decl_buffer((QB, c), "float32", scope="local")      # ASC "map": the other half
+            qt = T.decl_buffer((c, RB), "float32", scope="local")      # the block's q, a row per lane
+            kpl = T.decl_buffer((L + KJ,), "int32", scope="local")     # the block's keys: cache places
+            sc = T.decl_buffer((L + KJ, RB), "float32", scope="local")  # their masks, scores, weights
+            lov = T.decl_buffer((RB,), "int32", scope="local")         # each row's run in a key scale
+            hiv = T.decl_buffer((RB,), "int32", scope="local")
+            off = T.decl_buffer((1,), "int32", scope="local")          # keys listed so far
+            acc = T.decl_buffer((KJ, RB), "float32", scope="local")
+            top = T.decl_buffer((RB,), "float32", scope="local")       # each row's largest score
+            lsum = T.decl_buffer((RB,), "float32", scope="local")
+            pv = T.decl_buffer((PR, cw), "float32", scope="local")
             # a task's blocks reuse its buffers: each task allocates them from TVM's workspace pool
             for blk in range(T.min(per, blocks - task % chunks * per)):
-                i0 = (task % chunks * per + blk) * QB
-                for r in T.unroll(QB):
-                    for u in T.vectorized(KB):
-                        top[r, u] = T.float32(NEG_INF)
-                    for cc in T.vectorized(c):
-                        acc[r, cc] = T.float32(0)
-                        acc_u[r, cc] = T.float32(0)
-                # 1. scores: per key scale, QB rows × 16 keys per step over the rows' union run (the
-                # last step 8 keys if that covers it); each row's keys outside its own run masked
+                i0 = (task % chunks * per + blk) * RB
+                if c % RB == 0:
+                    if i0 + RB <= n:
+                        # q's 8 × 8 tiles transposed in registers: the gather took 10–15 % of a
+                        # narrow-window call
+                        for m in range(c // RB):
+                            for k in T.unroll(RB):
+                                qt[m * RB + k, T.ramp(0, 1, RB)] = T.Shuffle(
+                                    [q[b, h, i0 + r, T.ramp(m * RB, 1, RB)] for r in range(RB)],
+                                    [r * RB + k for r in range(RB)])
+                    else:
+                        gather_rows(q, qt, b, h, i0)
+                else:
+                    gather_rows(q, qt, b, h, i0)
+                # 1. the block's keys in one list: per key scale, the union of its rows' runs. sc
+                # starts as each row's mask, 0 on its run and −3e38 off it: adding the score masks
+                # it (a Select stored over the score became a masked store, microcoded on AMD)
                 off[0] = 0
                 for ks in range(qs + 1):
                     w = win[qs, h, ks]
                     nk = geom[ks, 1]
-                    skip, lo, cnt = union_run(i0, QB, n, nk, w, geom[ks, 0])   # once for the block's rows
-                    base = geom[ks, 0] + lo
-                    at = off[0]
-                    if cnt > skip:
-                        nv = steps(cnt, KB)
-                        for jb in range(nv // KT):
-                            score_step(q, kv, sc, s8, b, h, i0, base + jb * STEP, at + jb * STEP, KT)
-                        if nv % KT != 0:
-                            score_step(q, kv, sc, s8, b, h, i0, base + (nv - 1) * KB, at + (nv - 1) * KB, 1)
-                        for r in range(QB):
-                            row_lo, row_hi = key_run(T.min(i0 + r, n - 1), n, nk, w)
-                            for jb in range(nv):
-                                for u in T.vectorized(KB):
-                                    # adding −3e38 masks a score (it rounds to −3e38); LLVM turns
-                                    # Select(mask, s, −3e38) stored over s into a masked store, which
-                                    # is microcoded on AMD. Select, not if_then_else: TVM scalarises a
-                                    # vector if_then_else
-                                    sc[r, at + jb * KB + u] = sc[r, at + jb * KB + u] + T.Select(
-                                        (lo + jb * KB + u >= row_lo) & (lo + jb * KB + u < row_hi),
-                                        T.float32(0), T.float32(NEG_INF))
-                                    top[r, u] = T.max(top[r, u], sc[r, at + jb * KB + u])
-                        off[0] = at + nv * KB
-                # 2. per row, one softmax over all its kept keys: e = exp(s − max), 0 where masked
-                for r in range(QB):
-                    m = T.max(T.max(T.max(top[r, 0], top[r, 1]), T.max(top[r, 2], top[r, 3])),
-                              T.max(T.max(top[r, 4], top[r, 5]), T.max(top[r, 6], top[r, 7])))
-                    for u in T.vectorized(KB):
-                        red[u] = T.float32(0)
-                    for jb in range(off[0] // KB):
-                        for u in T.vectorized(KB):
-                            sc[r, jb * KB + u] = T.Select(sc[r, jb * KB + u] > T.float32(NEG_INF / 2),
-                                                          fast_exp(sc[r, jb * KB + u] - m), T.float32(0))
-                            red[u] = red[u] + sc[r, jb * KB + u]
-                    l[r] = (red[0] + red[1] + red[2] + red[3]) + (red[4] + red[5] + red[6] + red[7])
-                    if quantized:
-                        # the weights e·(1/l) on the row's grid: the largest is 1/l, so the grid's unit
-                        # is (1/l)/levels and a weight's level round(levels·e), no division
-                        unit = T.max(T.float32(1) / (l[r] * T.float32(levels)), T.float32(1e-12))
-                        for jb in range(off[0] // KB):
-                            for u in T.vectorized(KB):
-                                sc[r, jb * KB + u] = T.nearbyint(sc[r, jb * KB + u] * T.float32(levels)) * unit
-                        l[r] = T.float32(1)      # the rounded weights already carry 1/l
-                # 3. acc += p·V, run by run (ASC "map": the same weights, the other half's values too)
-                off[0] = 0
-                for ks in range(qs + 1):
-                    skip, lo, cnt = union_run(i0, QB, n, geom[ks, 1], win[qs, h, ks], geom[ks, 0])
-                    at = off[0]
-                    if cnt > skip:
-                        add_weighted_values(kv, sc, pv, acc, b, h, geom[ks, 0] + lo, skip, cnt, at)
-                        if share == "map":
-                            add_weighted_values(kv, sc, pv, acc_u, b + half, h, geom[ks, 0] + lo, skip, cnt, at)
-                        off[0] = at + steps(cnt, KB) * KB
-                for r in range(QB):
-                    if i0 + r < n:
-                        for cc in T.vectorized(c):
-                            out[b, h, i0 + r, cc] = acc[r, cc] / l[r]
-                        if share == "map":
-                            for cc in T.vectorized(c):
-                                out[b + half, h, i0 + r, cc] = acc_u[r, cc] / l[r]
-                        if share == "output":
-                            for cc in T.vectorized(c):
-                                out[b + half, h, i0 + r, cc] = acc[r, cc] / l[r]
+                    for u in T.vectorized(RB):      # each row's run: key_run for the 8 rows at once
+                        lov[u] = 0
+                        hiv[u] = T.Select(w < 0, nk, 0)     # dense, or dropped (w = 0)
+                    if w > 0:
+                        for u in T.vectorized(RB):
+                            lov[u] = T.max(0, T.floordiv(T.min(i0 + u, n - 1) * nk - w * n + n, n))
+                            hiv[u] = T.min(nk, T.floordiv(T.min(i0 + u, n - 1) * nk + w * n - 1, n) + 1)
+                    for j in range(lov[0], hiv[RB - 1]):    # runs grow with the row
+                        kpl[off[0] + j - lov[0]] = geom[ks, 0] + j
+                        for u in T.vectorized(RB):
+                            sc[off[0] + j - lov[0], u] = T.Select((j >= lov[u]) & (j < hiv[u]),
+                                                                  T.float32(0), T.float32(NEG_INF))
+                    off[0] = off[0] + T.max(hiv[RB - 1] - lov[0], 0)
+                for t in range(KJ):     # the last step's spare places: a real key, masked
+                    kpl[off[0] + t] = T.if_then_else(off[0] > 0, kpl[T.max(off[0] - 1, 0)], 0)
+                    for u in T.vectorized(RB):
+                        sc[off[0] + t, u] = T.float32(NEG_INF)
+                # 2. scores, KJ listed keys a step, across key scales
+                for u in T.vectorized(RB):
+                    top[u] = T.float32(NEG_INF)
+                for st in range((off[0] + KJ - 1) // KJ):
+                    score_keys(qt, kv, sc, acc, top, kpl, b, h, st * KJ)
+                # 3. softmax of each row (lane) over its kept keys: e = exp(s − max), 0 where masked
+                for u in T.vectorized(RB):
+                    lsum[u] = T.float32(0)
+                for p in range(off[0]):
+                    for u in T.vectorized(RB):
+                        sc[p, u] = T.Select(sc[p, u] > T.float32(NEG_INF / 2), fast_exp(sc[p, u] - top[u]),
+                                            T.float32(0))
+                        lsum[u] = lsum[u] + sc[p, u]
+                if quantized:
+                    # the weights e·(1/l) on the row's grid: the largest is 1/l, so the grid's unit
+                    # is (1/l)/levels and a weight's level round(levels·e), no division
+                    for u in T.vectorized(RB):
+                        top[u] = T.max(T.float32(1) / (lsum[u] * T.float32(levels)), T.float32(1e-12))
+                        lsum[u] = T.float32(1)       # the rounded weights already carry 1/l
+                    for p in range(off[0]):
+                        for u in T.vectorized(RB):
+                            sc[p, u] = T.nearbyint(sc[p, u] * T.float32(levels)) * top[u]
+                for u in T.vectorized(RB):
+                    lsum[u] = T.float32(1) / lsum[u]
+                # 4. out = p·V / l, PR rows at a time (ASC "map": the same weights on the other
+                # half's values; "output": the same output)
+                for g in range(RB // PR):
+                    weighted_values(kv, sc, kpl, off, pv, lsum, out, b, h, i0, g * PR)
+                    if share == "map":
+                        weighted_values(kv, sc, kpl, off, pv, lsum, out, b + half, h, i0, g * PR)
 
     return attention.with_attr("tirx.is_scheduled", True)
 

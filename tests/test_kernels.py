@@ -270,7 +270,7 @@ KERNELS = {   # name → the kernel's maker; the GPU variants' thread loops run 
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("qs", [2, 3])
 def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c, kernel, qs):
-    """Scale 2 has 9 queries, not a whole number of the CPU kernel's 6-row blocks; the 8×8 tiles
+    """Scale 2 has 9 queries, not a whole number of the CPU kernel's 8-row blocks; the 8×8 tiles
     split scale 3's rows and keys into several tiles."""
     pns = [1, 2, 3, 4]
     S, H, NB = 4, 3, 4
@@ -501,3 +501,21 @@ def test_group_norm_matches_pytorch(B, C, H, W, G, with_silu):
     if with_silu:
         want = torch.nn.functional.silu(want)
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_cpu_attention_over_several_row_blocks_and_value_passes(share, bits):
+    """The CPU kernel on 36 queries (four whole 8-row blocks, whose q tiles are transposed in
+    registers, and a last block of 4 rows) and 32 channels (two 16-channel p·V passes), with
+    bands, dropped key scales and dense key scales in one list of keys."""
+    pns, qs, c = [1, 2, 3, 4, 5, 6], 5, 32
+    S, H, NB = 6, 3, 4
+    L, n = kv_layout.cache_len(pns), pns[qs] ** 2
+    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    grid = on_8bit_grid if bits else (lambda x: x)
+    func = attention.windowed_attention(NB, H, n, c, L, S, qs, share, map_bits=bits)
+    (out,) = run(func, grid(q), kv_layout.cache_of(grid(kv), pns), win, kv_layout.scale_slots(pns),
+                 out=[((NB, H, n, c), "float32")])
+    want = (simulated_8bit_attention if bits else reference_attention)(q, kv, win, pns, qs, share)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
