@@ -214,6 +214,12 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
             # a task's blocks reuse its buffers: each task allocates them from TVM's workspace pool
             for blk in range(T.min(per, blocks - task % chunks * per)):
                 i0 = (task % chunks * per + blk) * RB
+                if i0 + 2 * RB <= n:    # the next block's q, one prefetch per 64-byte line (loads of
+                    # the q tiles waited on memory: ~10 % of a narrow-window call)
+                    for r in range(RB):
+                        for x in range((c + 15) // 16):
+                            T.evaluate(T.call_intrin("void", "tirx.prefetch",
+                                                     T.address_of(q[b, h, i0 + RB + r, x * 16]), 0, 3, 1))
                 if c % RB == 0:
                     if i0 + RB <= n:
                         # q's 8 × 8 tiles transposed in registers: the gather took 10–15 % of a
