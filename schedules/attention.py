@@ -56,12 +56,17 @@ PR = 4                # rows per p·V pass: 4 rows × 16 channels, 8 accumulator
 TASKS = 64            # parallel tasks to aim for: enough to balance a board's cores, few workspace allocations
 
 
+def band_run(i, n, nk, w):
+    """First and one-past-last kept key of query i (of n) in a key scale of nk tokens under a
+    window w ≥ 0: lo = ceil((i·nk − w·n + 1)/n), hi = ⌊(i·nk + w·n − 1)/n⌋ + 1, clipped."""
+    return (T.max(0, T.floordiv(i * nk - w * n + n, n)),
+            T.min(nk, T.floordiv(i * nk + w * n - 1, n) + 1))
+
+
 def key_run(i, n, nk, w):
-    """First and one-past-last kept key of query i (of n) in a key scale of nk tokens:
-    lo = ceil((i·nk − w·n + 1)/n), hi = ⌊(i·nk + w·n − 1)/n⌋ + 1, clipped; w < 0: all keys."""
-    lo = T.if_then_else(w < 0, 0, T.max(0, T.floordiv(i * nk - w * n + n, n)))
-    hi = T.if_then_else(w < 0, nk, T.min(nk, T.floordiv(i * nk + w * n - 1, n) + 1))
-    return lo, hi
+    """band_run, and for w < 0 (dense) all keys."""
+    lo, hi = band_run(i, n, nk, w)
+    return T.if_then_else(w < 0, 0, lo), T.if_then_else(w < 0, nk, hi)
 
 
 def union_run(i0, rows, n, nk, w, first):
@@ -240,13 +245,15 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                 for ks in range(qs + 1):
                     w = win[qs, h, ks]
                     nk = geom[ks, 1]
-                    for u in T.vectorized(RB):      # each row's run: key_run for the 8 rows at once
+                    # each row's run, the 8 rows at once (inline: a binding inside a vectorised
+                    # loop takes the last lane's value, docs/tvm-0.27-findings.md)
+                    for u in T.vectorized(RB):
                         lov[u] = 0
                         hiv[u] = T.Select(w < 0, nk, 0)     # dense, or dropped (w = 0)
                     if w > 0:
                         for u in T.vectorized(RB):
-                            lov[u] = T.max(0, T.floordiv(T.min(i0 + u, n - 1) * nk - w * n + n, n))
-                            hiv[u] = T.min(nk, T.floordiv(T.min(i0 + u, n - 1) * nk + w * n - 1, n) + 1)
+                            lov[u] = band_run(T.min(i0 + u, n - 1), n, nk, w)[0]
+                            hiv[u] = band_run(T.min(i0 + u, n - 1), n, nk, w)[1]
                     for j in range(lov[0], hiv[RB - 1]):    # runs grow with the row
                         kpl[off[0] + j - lov[0]] = geom[ks, 0] + j
                         for u in T.vectorized(RB):
