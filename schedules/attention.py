@@ -23,10 +23,10 @@ last row's end), each key with a mask per row, 0 on the row's run and −3e38 of
 7 listed keys a step, across key scales: per channel, one vector of the 8 rows' q times one
 broadcast of each key's channel (7 accumulators, 2 q vectors and 7 broadcasts fill AVX2's 16
 registers; with 8 keys LLVM spilled an accumulator, and the spill's store and reload sat in the
-FMA chain). q is transposed once per block, 8 × 8 tiles by register shuffles. Then one exact
-softmax per row, lane-wise across the rows (maximum and sum need no horizontal reductions),
-weights by a vectorised polynomial exp, and out = p·V in passes of 4 rows × 16 channels that
-share each value load. Rows as lanes because the keys a block computes then follow its rows'
+FMA chain). q is transposed once per block, 8 × 8 tiles by register shuffles, and the next
+block's q is prefetched. Then one exact softmax per row, lane-wise across the rows (maximum and
+sum need no horizontal reductions), weights by a vectorised polynomial exp, and out = p·V in
+passes of 4 rows × 16 channels that share each value load. Rows as lanes because the keys a block computes then follow its rows'
 runs to the key: at d16's last scale with windows of 4, 1.30× the kept pairs (counted), where
 keys as lanes (16 keys of a panel per step, the kernel before) computed whole panels, 2.16×.
 Not an online softmax: a block's scores fit the caches (L × 8 floats, 22 KB at d16), and
@@ -162,6 +162,28 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                 qt[cc, u] = q[b, h, T.min(i0 + u, n - 1), cc]
 
     @T.macro
+    def load_q(q, qt, b, h, i0):
+        """qt = the block's q, transposed: whole blocks as 8 × 8 tiles in registers (the gather
+        took ~10 % of a narrow-window call), the last one gathered. The next block's rows are
+        prefetched, one 64-byte line at a time: their loads waited on memory."""
+        if i0 + 2 * RB <= n:
+            for r in range(RB):
+                for x in range((c + 15) // 16):
+                    T.evaluate(T.call_intrin("void", "tirx.prefetch",
+                                             T.address_of(q[b, h, i0 + RB + r, x * 16]), 0, 3, 1))
+        if c % RB == 0:
+            if i0 + RB <= n:
+                for m in range(c // RB):
+                    for k in T.unroll(RB):
+                        qt[m * RB + k, T.ramp(0, 1, RB)] = T.Shuffle(
+                            [q[b, h, i0 + r, T.ramp(m * RB, 1, RB)] for r in range(RB)],
+                            [r * RB + k for r in range(RB)])
+            else:
+                gather_rows(q, qt, b, h, i0)
+        else:
+            gather_rows(q, qt, b, h, i0)
+
+    @T.macro
     def score_keys(qt, kv, sc, acc, top, kpl, b, h, p0):
         """Scores of the block's rows (lanes) against the listed keys p0 … p0+KJ−1 (cache places
         kpl), added to their masks in sc: per channel one q vector for all KJ keys and one
@@ -219,25 +241,7 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
             # a task's blocks reuse its buffers: each task allocates them from TVM's workspace pool
             for blk in range(T.min(per, blocks - task % chunks * per)):
                 i0 = (task % chunks * per + blk) * RB
-                if i0 + 2 * RB <= n:    # the next block's q, one prefetch per 64-byte line (loads of
-                    # the q tiles waited on memory: ~10 % of a narrow-window call)
-                    for r in range(RB):
-                        for x in range((c + 15) // 16):
-                            T.evaluate(T.call_intrin("void", "tirx.prefetch",
-                                                     T.address_of(q[b, h, i0 + RB + r, x * 16]), 0, 3, 1))
-                if c % RB == 0:
-                    if i0 + RB <= n:
-                        # q's 8 × 8 tiles transposed in registers: the gather took 10–15 % of a
-                        # narrow-window call
-                        for m in range(c // RB):
-                            for k in T.unroll(RB):
-                                qt[m * RB + k, T.ramp(0, 1, RB)] = T.Shuffle(
-                                    [q[b, h, i0 + r, T.ramp(m * RB, 1, RB)] for r in range(RB)],
-                                    [r * RB + k for r in range(RB)])
-                    else:
-                        gather_rows(q, qt, b, h, i0)
-                else:
-                    gather_rows(q, qt, b, h, i0)
+                load_q(q, qt, b, h, i0)
                 # 1. the block's keys in one list: per key scale, the union of its rows' runs. sc
                 # starts as each row's mask, 0 on its run and −3e38 off it: adding the score masks
                 # it (a Select stored over the score became a masked store, microcoded on AMD)
