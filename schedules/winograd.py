@@ -7,14 +7,20 @@ independent matrix products, Co×Ci times Ci×tiles: 36 multiply-adds per tile a
 instead of the direct convolution's 144, 4× less arithmetic. The VQVAE decoder spends nearly
 all of its time in 3×3 convolutions.
 
-Parallel passes, each simple to vectorise (lanes run over L tiles, or over the 6 channels
-of a filter tile):
+Passes, each simple to vectorise (lanes run over L tiles, or over the 6 channels of a filter
+tile):
     zero padding      x → xp, each row split by column phase (4·j + k at [k, j])
     filter transform  w (schedules.conv.pack_weight) → U  36 × ⌈Co/6⌉ × Ci × 6 (zeros past Co)
-    for each band of tiles (so that V and M stay in the caches):
-        input transform   xp                        → V  36 × tiles × Ci
-        matrix products   U, V                      → M  36 × tiles × Co  (register tile 6 channels × L)
-        output transform  M                         → y  plus the bias, 4×4 pixels per tile
+    input transform   xp    → V  36 × tiles × Ci
+    matrix products   U, V  → M  36 × tiles × Co  (register tile 6 channels × L)
+    output transform  M     → y  plus the bias, 4×4 pixels per tile
+The last three run in one of two layouts (`fused`):
+- one task per vector of L tiles, all three passes, M one product tile at a time: its V stays in
+  the core's L2 and M in L1. For few input channels over many tiles (the 160-channel
+  convolutions at 128² and 256²: 1.15–1.26× faster than in bands, side by side);
+- in bands of tiles, each pass parallel on its own (V and M of a band in the caches): for many
+  channels over few tiles, where a private V would not fit L2 and every task of the same tiles
+  would transform them again.
 The matrices are Lavin & Gray's (arXiv 1509.09308, interpolation points 0, ±1, ±2, ∞), written
 out as sums because most of their entries are 0 or ±1.
 """
@@ -29,6 +35,8 @@ from schedules.conv import channel_tile
 MIN_PIXELS = 16 * 16
 PT = 6                 # output channels per product tile: 6×2 accumulators hide the FMA latency
 BAND_BYTES = 2 << 20   # V and M of one band of tiles: small enough to stay in the caches
+FUSED_V_BYTES = 384 << 10  # a task's own V, within a core's L2 (512 KB here and on a Cortex-A76)
+TASKS = 16             # tile vectors the fused layout needs: tasks enough to balance the cores
 
 
 def applies(Co: int, k: int, stride: int, padding: int, H: int, W: int) -> bool:
@@ -46,6 +54,13 @@ def lanes_for(tiles: int) -> int:
     return next(v for v in (16, 8, 4, 2, 1) if tiles % v == 0)
 
 
+def fused(B: int, Ci: int, H: int, W: int) -> bool:
+    """Whether conv2d runs one task per tile vector (few input channels over many tiles: its V
+    fits a core's L2, and there are tasks for every core) rather than in bands."""
+    L = lanes_for(H // 4 * (W // 4))
+    return 36 * Ci * L * 4 <= FUSED_V_BYTES and B * (H // 4) * (W // 4) // L >= TASKS
+
+
 @lru_cache(maxsize=None)  # one parse per shape
 def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     """x B×Ci×H×W, w packed as for the direct kernel (schedules.conv.pack_weight), b Co →
@@ -61,6 +76,7 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     Hp = H + 2
     mi = channel_tile(Co)        # the packed weights' channel tile
     ntp = (Co + PT - 1) // PT    # product tiles; U and M padded with zero channels up to ntp·PT
+    one_task_per_vector = fused(B, Ci, H, W)
 
     def tap(w, ot, oi, c, r, s):
         """Filter tap (r, s) of input channel c for output channel ot·PT + oi; 0 past Co."""
@@ -84,6 +100,69 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     def left(tv, l):
         return tcol(tv, l) * 4
 
+    @T.macro
+    def input_transform(xp, V, d, e, n, c, tvg, tvl):
+        """V[·, tvl, c] = Bᵀ·d·B, d the 6×6 patch of each tile of tile vector tvg; lanes: L tiles."""
+        for r in T.unroll(6):
+            for s in T.unroll(6):
+                for l in T.vectorized(L):
+                    d[r, s, l] = xp[n, c, top(tvg, l) + r, s % 4, tcol(tvg, l) + s // 4]
+        for s in T.unroll(6):  # e = Bᵀ·d, down the columns
+            for l in T.vectorized(L):
+                e[0, s, l] = 4 * d[0, s, l] - 5 * d[2, s, l] + d[4, s, l]
+                e[1, s, l] = d[3, s, l] + d[4, s, l] - 4 * (d[1, s, l] + d[2, s, l])
+                e[2, s, l] = d[4, s, l] - d[3, s, l] + 4 * (d[1, s, l] - d[2, s, l])
+                e[3, s, l] = d[4, s, l] - d[2, s, l] + 2 * (d[3, s, l] - d[1, s, l])
+                e[4, s, l] = d[4, s, l] - d[2, s, l] + 2 * (d[1, s, l] - d[3, s, l])
+                e[5, s, l] = 4 * d[1, s, l] - 5 * d[3, s, l] + d[5, s, l]
+        for a in T.unroll(6):  # V = e·B, along the rows
+            for l in T.vectorized(L):
+                V[a * 6 + 0, tvl, c, l] = 4 * e[a, 0, l] - 5 * e[a, 2, l] + e[a, 4, l]
+                V[a * 6 + 1, tvl, c, l] = e[a, 3, l] + e[a, 4, l] - 4 * (e[a, 1, l] + e[a, 2, l])
+                V[a * 6 + 2, tvl, c, l] = e[a, 4, l] - e[a, 3, l] + 4 * (e[a, 1, l] - e[a, 2, l])
+                V[a * 6 + 3, tvl, c, l] = e[a, 4, l] - e[a, 2, l] + 2 * (e[a, 3, l] - e[a, 1, l])
+                V[a * 6 + 4, tvl, c, l] = e[a, 4, l] - e[a, 2, l] + 2 * (e[a, 1, l] - e[a, 3, l])
+                V[a * 6 + 5, tvl, c, l] = 4 * e[a, 1, l] - 5 * e[a, 3, l] + e[a, 5, l]
+
+    @T.macro
+    def products(u, V, acc, M, ei, tvl, ot, ch):
+        """M[ei, tvl, ch … ch+PT−1] = U[ei]·V[ei] for product tile ot, over the input channels."""
+        for oi in T.unroll(PT):
+            for l in T.vectorized(L):
+                acc[oi, l] = T.float32(0)
+        for c in range(Ci):
+            for oi in T.unroll(PT):
+                for l in T.vectorized(L):
+                    acc[oi, l] = acc[oi, l] + V[ei, tvl, c, l] * u[ei, ot, c, oi]
+        for oi in T.unroll(PT):
+            for l in T.vectorized(L):
+                M[ei, tvl, ch + oi, l] = acc[oi, l]
+
+    @T.macro
+    def output_transform(M, f, y, b, n, o, ch, tvg, tvl):
+        """y[n, o] = Aᵀ·m·A + bias for tile vector tvg, m = M[·, tvl, ch], scattered back to the
+        4×4 pixels of each tile."""
+        for s in T.unroll(6):  # f = Aᵀ·m, down the columns
+            for l in T.vectorized(L):
+                f[0, s, l] = (M[s, tvl, ch, l] + M[6 + s, tvl, ch, l] + M[12 + s, tvl, ch, l]
+                              + M[18 + s, tvl, ch, l] + M[24 + s, tvl, ch, l])
+                f[1, s, l] = (M[6 + s, tvl, ch, l] - M[12 + s, tvl, ch, l]
+                              + 2 * (M[18 + s, tvl, ch, l] - M[24 + s, tvl, ch, l]))
+                f[2, s, l] = (M[6 + s, tvl, ch, l] + M[12 + s, tvl, ch, l]
+                              + 4 * (M[18 + s, tvl, ch, l] + M[24 + s, tvl, ch, l]))
+                f[3, s, l] = (M[6 + s, tvl, ch, l] - M[12 + s, tvl, ch, l]
+                              + 8 * (M[18 + s, tvl, ch, l] - M[24 + s, tvl, ch, l]) + M[30 + s, tvl, ch, l])
+        for i in T.unroll(4):  # y = f·A, along the rows
+            for l in T.vectorized(L):
+                y[n, o, top(tvg, l) + i, left(tvg, l) + 0] = (
+                    f[i, 0, l] + f[i, 1, l] + f[i, 2, l] + f[i, 3, l] + f[i, 4, l] + b[o])
+                y[n, o, top(tvg, l) + i, left(tvg, l) + 1] = (
+                    f[i, 1, l] - f[i, 2, l] + 2 * (f[i, 3, l] - f[i, 4, l]) + b[o])
+                y[n, o, top(tvg, l) + i, left(tvg, l) + 2] = (
+                    f[i, 1, l] + f[i, 2, l] + 4 * (f[i, 3, l] + f[i, 4, l]) + b[o])
+                y[n, o, top(tvg, l) + i, left(tvg, l) + 3] = (
+                    f[i, 1, l] - f[i, 2, l] + 8 * (f[i, 3, l] - f[i, 4, l]) + f[i, 5, l] + b[o])
+
     @T.prim_func(private=True)
     def wino(x: T.Buffer((i64(B), i64(Ci), i64(H), i64(W)), "float32"),
              w: T.Buffer((i64(Co // mi), i64(Ci), i64(3), i64(3), i64(mi)), "float32"),
@@ -92,8 +171,6 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         xp = T.decl_buffer((B, Ci, Hp, 4, Wq), "float32")
         u = T.decl_buffer((36, ntp, Ci, PT), "float32")
-        V = T.decl_buffer((36, BV, Ci, L), "float32")
-        M = T.decl_buffer((36, BV, ntp * PT, L), "float32")
         # Zero-padded and split by column phase (column 4·j + k at [k, j]), so that the input
         # transform reads the same patch entry of consecutive tiles as one contiguous vector.
         for nc in T.parallel(B * Ci):
@@ -128,72 +205,47 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                         u[a * 6 + 4, ot, c, oi] = (gt[a, 0, oi] * T.float32(1 / 24) - gt[a, 1, oi] * T.float32(1 / 12)
                                                    + gt[a, 2, oi] * T.float32(1 / 6))
                         u[a * 6 + 5, ot, c, oi] = gt[a, 2, oi]
-        for n in range(B):
-            for band in range(NV // BV):
-                # Input transform V = Bᵀ·d·B, d the 6×6 patch of each tile; lanes: L tiles.
-                for c in T.parallel(Ci):
-                    d = T.decl_buffer((6, 6, L), "float32", scope="local")
-                    e = T.decl_buffer((6, 6, L), "float32", scope="local")
-                    for tv in range(BV):
-                        for r in T.unroll(6):
-                            for s in T.unroll(6):
-                                for l in T.vectorized(L):
-                                    d[r, s, l] = xp[n, c, top(band * BV + tv, l) + r, s % 4,
-                                                    tcol(band * BV + tv, l) + s // 4]
-                        for s in T.unroll(6):  # e = Bᵀ·d, down the columns
-                            for l in T.vectorized(L):
-                                e[0, s, l] = 4 * d[0, s, l] - 5 * d[2, s, l] + d[4, s, l]
-                                e[1, s, l] = d[3, s, l] + d[4, s, l] - 4 * (d[1, s, l] + d[2, s, l])
-                                e[2, s, l] = d[4, s, l] - d[3, s, l] + 4 * (d[1, s, l] - d[2, s, l])
-                                e[3, s, l] = d[4, s, l] - d[2, s, l] + 2 * (d[3, s, l] - d[1, s, l])
-                                e[4, s, l] = d[4, s, l] - d[2, s, l] + 2 * (d[1, s, l] - d[3, s, l])
-                                e[5, s, l] = 4 * d[1, s, l] - 5 * d[3, s, l] + d[5, s, l]
-                        for a in T.unroll(6):  # V = e·B, along the rows
-                            for l in T.vectorized(L):
-                                V[a * 6 + 0, tv, c, l] = 4 * e[a, 0, l] - 5 * e[a, 2, l] + e[a, 4, l]
-                                V[a * 6 + 1, tv, c, l] = e[a, 3, l] + e[a, 4, l] - 4 * (e[a, 1, l] + e[a, 2, l])
-                                V[a * 6 + 2, tv, c, l] = e[a, 4, l] - e[a, 3, l] + 4 * (e[a, 1, l] - e[a, 2, l])
-                                V[a * 6 + 3, tv, c, l] = e[a, 4, l] - e[a, 2, l] + 2 * (e[a, 3, l] - e[a, 1, l])
-                                V[a * 6 + 4, tv, c, l] = e[a, 4, l] - e[a, 2, l] + 2 * (e[a, 1, l] - e[a, 3, l])
-                                V[a * 6 + 5, tv, c, l] = 4 * e[a, 1, l] - 5 * e[a, 3, l] + e[a, 5, l]
-                # 36 matrix products M[e] = U[e]·V[e] over the input channels, one task per e.
-                for ei in T.parallel(36):
-                    acc = T.decl_buffer((PT, L), "float32", scope="local")
-                    for tv in range(BV):
-                        for ot in range(ntp):
-                            for oi in T.unroll(PT):
-                                for l in T.vectorized(L):
-                                    acc[oi, l] = T.float32(0)
-                            for c in range(Ci):
-                                for oi in T.unroll(PT):
-                                    for l in T.vectorized(L):
-                                        acc[oi, l] = acc[oi, l] + V[ei, tv, c, l] * u[ei, ot, c, oi]
-                            for oi in T.unroll(PT):
-                                for l in T.vectorized(L):
-                                    M[ei, tv, ot * PT + oi, l] = acc[oi, l]
-                # Output transform y = Aᵀ·m·A + bias, scattered back to the 4×4 pixels of each tile.
-                for o in T.parallel(Co):
-                    f = T.decl_buffer((4, 6, L), "float32", scope="local")
-                    for tv in range(BV):
-                        for s in T.unroll(6):  # f = Aᵀ·m, down the columns
-                            for l in T.vectorized(L):
-                                f[0, s, l] = (M[s, tv, o, l] + M[6 + s, tv, o, l] + M[12 + s, tv, o, l]
-                                              + M[18 + s, tv, o, l] + M[24 + s, tv, o, l])
-                                f[1, s, l] = (M[6 + s, tv, o, l] - M[12 + s, tv, o, l]
-                                              + 2 * (M[18 + s, tv, o, l] - M[24 + s, tv, o, l]))
-                                f[2, s, l] = (M[6 + s, tv, o, l] + M[12 + s, tv, o, l]
-                                              + 4 * (M[18 + s, tv, o, l] + M[24 + s, tv, o, l]))
-                                f[3, s, l] = (M[6 + s, tv, o, l] - M[12 + s, tv, o, l]
-                                              + 8 * (M[18 + s, tv, o, l] - M[24 + s, tv, o, l]) + M[30 + s, tv, o, l])
-                        for i in T.unroll(4):  # y = f·A, along the rows
-                            for l in T.vectorized(L):
-                                y[n, o, top(band * BV + tv, l) + i, left(band * BV + tv, l) + 0] = (
-                                    f[i, 0, l] + f[i, 1, l] + f[i, 2, l] + f[i, 3, l] + f[i, 4, l] + b[o])
-                                y[n, o, top(band * BV + tv, l) + i, left(band * BV + tv, l) + 1] = (
-                                    f[i, 1, l] - f[i, 2, l] + 2 * (f[i, 3, l] - f[i, 4, l]) + b[o])
-                                y[n, o, top(band * BV + tv, l) + i, left(band * BV + tv, l) + 2] = (
-                                    f[i, 1, l] + f[i, 2, l] + 4 * (f[i, 3, l] + f[i, 4, l]) + b[o])
-                                y[n, o, top(band * BV + tv, l) + i, left(band * BV + tv, l) + 3] = (
-                                    f[i, 1, l] - f[i, 2, l] + 8 * (f[i, 3, l] - f[i, 4, l]) + f[i, 5, l] + b[o])
+        if one_task_per_vector:
+            # One task per tile vector: it transforms its tiles' input into V, private to the task
+            # (so in this core's L2), then for each product tile runs the 36 products into m and
+            # transforms m back at once, so that the products stay in L1.
+            for task in T.parallel(B * NV):
+                n = task // NV
+                tv = task % NV
+                V = T.decl_buffer((36, 1, Ci, L), "float32")
+                d = T.decl_buffer((6, 6, L), "float32", scope="local")
+                e = T.decl_buffer((6, 6, L), "float32", scope="local")
+                acc = T.decl_buffer((PT, L), "float32", scope="local")
+                m = T.decl_buffer((36, 1, PT, L), "float32", scope="local")
+                f = T.decl_buffer((4, 6, L), "float32", scope="local")
+                for c in range(Ci):
+                    input_transform(xp, V, d, e, n, c, tv, 0)
+                for ot in range(ntp):
+                    for ei in range(36):
+                        products(u, V, acc, m, ei, 0, ot, 0)
+                    for oi in range(T.min(PT, Co - ot * PT)):
+                        output_transform(m, f, y, b, n, ot * PT + oi, oi, tv, 0)
+        else:
+            # Bands of BV tile vectors, each pass parallel on its own: many channels over few
+            # tiles, where a private V per task would not fit L2 and would be transformed again
+            # by every task of the same tiles.
+            V = T.decl_buffer((36, BV, Ci, L), "float32")
+            M = T.decl_buffer((36, BV, ntp * PT, L), "float32")
+            for n in range(B):
+                for band in range(NV // BV):
+                    for c in T.parallel(Ci):
+                        d = T.decl_buffer((6, 6, L), "float32", scope="local")
+                        e = T.decl_buffer((6, 6, L), "float32", scope="local")
+                        for tv in range(BV):
+                            input_transform(xp, V, d, e, n, c, band * BV + tv, tv)
+                    for ei in T.parallel(36):
+                        acc = T.decl_buffer((PT, L), "float32", scope="local")
+                        for tv in range(BV):
+                            for ot in range(ntp):
+                                products(u, V, acc, M, ei, tv, ot, ot * PT)
+                    for o in T.parallel(Co):
+                        f = T.decl_buffer((4, 6, L), "float32", scope="local")
+                        for tv in range(BV):
+                            output_transform(M, f, y, b, n, o, o, band * BV + tv, tv)
 
     return wino.with_attr("tirx.is_scheduled", True)

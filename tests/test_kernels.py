@@ -432,12 +432,15 @@ def test_conv2d_matches_pytorch(B, Ci, H, W, Co, k):
 
 
 @pytest.mark.parametrize("B,Ci,H,W,Co", [(1, 5, 16, 16, 8), (2, 3, 8, 12, 7), (1, 4, 4, 4, 10),
-                                         (1, 16, 32, 32, 15), (1, 3, 8, 64, 6)])
+                                         (1, 16, 32, 32, 15), (1, 3, 8, 64, 6), (1, 3, 64, 64, 10),
+                                         (2, 5, 32, 64, 7)])
 def test_winograd_conv2d_matches_pytorch(B, Ci, H, W, Co):
     """Tiles gathered across tile rows (16², 8×12, one tile), within one row (8×64), one and two
-    images, channel counts that fill no vector."""
+    images, channel counts that fill no vector; in bands and one task per tile vector (64², and
+    two images of 32×64)."""
     from schedules import winograd
     from schedules.conv import pack_weight
+    assert winograd.fused(B, Ci, H, W) == (H * W * B >= 4096)
     rng = np.random.default_rng(Ci + W)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, Ci, H, W), (Co, Ci, 3, 3), (Co,)))
     (y,) = run(winograd.conv2d(B, Ci, H, W, Co), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
