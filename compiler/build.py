@@ -39,7 +39,7 @@ from device.runtime import SCHEMA, VERSION
 from schedules.kv_layout import cache_len, cache_row
 import targets
 
-COMPILED_SCHEMES = ("fp32", "w8a8", "w4a16", "w4a8")
+COMPILED_SCHEMES = ("fp32", "fp16", "w8a8", "w4a16", "w4a8")
 
 
 def check_compilable(plan, where):

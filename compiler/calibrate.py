@@ -26,9 +26,9 @@ from compiler.fileio import atomic_path
 
 
 def parse_scheme(text: str, default_group: int, what: str):
-    """'w4a16' or 'w4a16:64' → ('w4a16', 64); 'none'/'fp32' → ('fp32', None)."""
+    """'w4a16' or 'w4a16:64' → ('w4a16', 64); 'none'/'fp32' → ('fp32', None); 'fp16' → ('fp16', None)."""
     name, _, group = text.partition(":")
-    name = "fp32" if name in ("none", "fp16", "fp32") else name
+    name = "fp32" if name == "none" else name
     if name not in QUANT_SCHEMES:
         raise UserError(f"{what} {text!r}: unknown scheme, expected one of {QUANT_SCHEMES} (optionally :GROUP)")
     if not name.startswith("w4"):

@@ -7,7 +7,8 @@ attention structure for compiler.calibrate to find, yet the compiled plan's cost
 on which pairs and layers it keeps. This plan keeps what a calibrated LiteVAR plan typically
 keeps: query scales 0–4 dense; from scale 5 on, key scales 0–2 dense and a band of `--window`
 on the others; ASC from scale 6; every linear layer W8A8 but ffn.fc2 (the paper's protected
-layer; `--fc2 w8a8` quantizes it too, to measure what that protection costs). Its images mean
+layer; `--fc2 fp16` stores it in float16 as the paper's code does, `--fc2 w8a8` quantizes it
+too, to measure what that protection costs). Its images mean
 nothing; its FLOPs and timings are those of such a plan.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=16, help="band half-width on the fine key scales (default 16)")
     ap.add_argument("--asc-mode", choices=("map", "output"), default="output")
     ap.add_argument("--quant", choices=("fp32", "w8a8"), default="w8a8", help="all layers but ffn.fc2")
-    ap.add_argument("--fc2", choices=("fp32", "w8a8"), default="fp32",
+    ap.add_argument("--fc2", choices=("fp32", "fp16", "w8a8"), default="fp32",
                     help="ffn.fc2, which LiteVAR keeps in 16 bit (default fp32)")
     ap.add_argument("--out", required=True, help="plan file to write")
     args = ap.parse_args(argv)

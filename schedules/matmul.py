@@ -96,15 +96,18 @@ def gelu_tanh_lanes(x):
 
 
 @lru_cache(maxsize=None)  # one parse and schedule per shape
-def dense_fp32(M: int, K: int, O: int, gelu: bool = False):
+def dense_fp32(M: int, K: int, O: int, gelu: bool = False, wdtype: str = "float32"):
     """x M×K, wp (packed), b O → y M×O (float32); with `gelu`, GELU(x·Wᵀ + b) (ffn.fc1), computed
-    on the tile while it is in cache instead of in a pass of its own over M×O."""
+    on the tile while it is in cache instead of in a pass of its own over M×O. wdtype "float16":
+    the panels hold float16 weights (plan scheme fp16), widened next to the multiply (x86
+    vcvtph2ps, AArch64 fcvtl); the arithmetic stays float32."""
     P, L = O // LANES, LANES
     act = gelu_tanh_lanes if gelu else (lambda v: v)
+    widen = (lambda v: T.Cast("float32", v)) if wdtype == "float16" else (lambda v: v)
 
     @T.prim_func(private=True, s_tir=True)
     def dense(x: T.Buffer((T.int64(M), T.int64(K)), "float32"),
-              wp: T.Buffer((T.int64(P), T.int64(K), T.int64(L)), "float32"),
+              wp: T.Buffer((T.int64(P), T.int64(K), T.int64(L)), wdtype),
               b: T.Buffer((T.int64(O),), "float32"),
               y: T.Buffer((T.int64(M), T.int64(O)), "float32")):
         T.func_attr({"tirx.noalias": True})
@@ -114,7 +117,7 @@ def dense_fp32(M: int, K: int, O: int, gelu: bool = False):
                 vi, vj, vk = T.axis.remap("SSR", [i, j, k])
                 with T.init():
                     acc[vi, vj] = T.float32(0)
-                acc[vi, vj] = acc[vi, vj] + x[vi, vk] * wp[vj // L, vk, vj % L]
+                acc[vi, vj] = acc[vi, vj] + x[vi, vk] * widen(wp[vj // L, vk, vj % L])
         for i, j in T.grid(T.int64(M), T.int64(O)):
             with T.sblock("bias"):
                 vi, vj = T.axis.remap("SS", [i, j])

@@ -70,6 +70,9 @@ def test_speed_plan_keeps_coarse_scales_dense_and_protects_fc2(tmp_path):
     r = run_cli("compiler.speed_plan", "--model", "demo", "--fc2", "w8a8", "--out", tmp_path / "all.json")
     assert r.returncode == 0, r.stderr
     assert load_plan(tmp_path / "all.json").quant_layers["blocks.3.ffn.fc2"]["scheme"] == "w8a8"
+    r = run_cli("compiler.speed_plan", "--model", "demo", "--fc2", "fp16", "--out", tmp_path / "half.json")
+    assert r.returncode == 0, r.stderr
+    assert load_plan(tmp_path / "half.json").quant_layers["blocks.3.ffn.fc2"]["scheme"] == "fp16"
 
 
 def test_host_bench_names_an_unknown_engine(tmp_path):

@@ -36,12 +36,12 @@ def tiny_plan(var) -> Plan:
 
 
 def mixed_int4_plan(var, w4a8=True) -> Plan:
-    """W4A8 and W4A16 at two group sizes next to W8A8 and fp32 layers (no W4A8: for OpenCL)."""
+    """W4A8 and W4A16 at two group sizes next to W8A8, fp16 and fp32 layers (no W4A8: for OpenCL)."""
     plan = Plan.empty(var.cfg)
     four = "w4a8" if w4a8 else "w4a16"
     mixed = {"blocks.0.attn.mat_qkv": (four, 32), "blocks.0.attn.proj": ("w4a16", 64), "blocks.0.ffn.fc1": (four, 64),
              "blocks.0.ffn.fc2": ("w4a16", 32), "blocks.1.attn.mat_qkv": ("w8a8", None),
-             "blocks.1.ffn.fc1": ("w4a16", 32), "head": (four, 32)}
+             "blocks.1.ffn.fc1": ("w4a16", 32), "blocks.1.ffn.fc2": ("fp16", None), "head": (four, 32)}
     for name, (scheme, group) in mixed.items():
         plan.quant_layers[name] = {"scheme": scheme, "group": group}
     return plan
@@ -133,7 +133,8 @@ def test_8bit_attention_plan_build_gives_the_tokens_of_the_pytorch_simulation(ti
 
 
 def test_mixed_int4_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
-    """W4A8 and W4A16 at two group sizes next to W8A8 and fp32 layers: greedy tokens equal."""
+    """W4A8 and W4A16 at two group sizes next to W8A8, fp16 and fp32 layers: greedy tokens equal;
+    the fp16 layer's weights are float16 in the artifact."""
     var, vae = tiny
     plan = mixed_int4_plan(var)
     art = build(var, vae, plan, "host", 2, tmp_path / "w4", log=lambda s: None)
@@ -142,6 +143,10 @@ def test_mixed_int4_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, 
     np.testing.assert_array_equal(got_t, want_t)
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["plan"]["quant"]["layers"]["blocks.0.attn.proj"] == {"scheme": "w4a16", "group": 64}
+    assert manifest["plan"]["quant"]["layers"]["blocks.1.ffn.fc2"] == {"scheme": "fp16", "group": None}
+    C = var.cfg.width
+    halves = [a for a in np.load(art / "params.npz").values() if a.dtype == np.float16 and a.size == C * var.cfg.mlp_hidden]
+    assert len(halves) == 1
 
 
 def test_tampered_or_missing_artifact_files_are_refused(dense_artifact, tmp_path):

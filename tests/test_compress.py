@@ -117,6 +117,19 @@ def test_weight_quantization_is_lossless_on_its_own_grid():
         quantize_weight_int4(w, 48)
 
 
+def test_fp16_scheme_rounds_the_weights_only():
+    from compiler.compress.quant import QuantLinear, make_scheme
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24)
+    q = QuantLinear(lin, make_scheme("fp16"))
+    assert q.weight.dtype == torch.float16
+    x = torch.randn(5, 40)
+    want = x @ lin.weight.detach().half().float().T + lin.bias.detach()
+    torch.testing.assert_close(q(x), want, rtol=0, atol=0)
+    assert (q(x) - lin(x)).abs().max() > 0
+    assert make_scheme("fp16").weight_bytes(24, 40) == 2 * 24 * 40
+
+
 def test_w8a8_is_integer_arithmetic():
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(5, 96, generator=g), torch.randn(7, 96, generator=g)

@@ -29,7 +29,7 @@ from compiler.model.config import VARConfig
 
 SCHEMA, VERSION = "litevar-plan", 1
 ASC_MODES = ("map", "output")
-QUANT_SCHEMES = ("fp32", "w8a8", "w4a16", "w4a8")
+QUANT_SCHEMES = ("fp32", "fp16", "w8a8", "w4a16", "w4a8")
 GROUP_SIZES = (32, 64, 128)
 
 

@@ -2,6 +2,7 @@
 
 The arithmetic here is the contract the compiled kernels follow bit for bit:
 - rounding is round-half-to-even (torch.round; `nearbyint` in the kernels);
+- float16 weights (fp16): the float32 weight rounded to float16, float32 activations and sums;
 - int8 weights: symmetric per output channel, scale = max|w| / 127, values in [-127, 127];
 - int4 weights: symmetric per (output channel, group of `group` inputs), scale = max|w| / 7
   stored as float16, values in [-7, 7], packed two per byte (low nibble = even input index);
@@ -107,6 +108,19 @@ class Scheme:
         return 2.0 * O * K  # fp16 storage
 
 
+class FP16(Scheme):
+    """float16 weights, float32 activations and arithmetic: how LiteVAR's released code protects
+    ffn.fc2 (it keeps that layer in 16 bit), at half the bytes of float32 weights. The compiled
+    kernels sum the same products in another order (not bit for bit, like fp32)."""
+    name = "fp16"
+
+    def pack(self, w):
+        return {"weight": w.half()}
+
+    def matmul(self, x, packed):
+        return x @ packed["weight"].float().T
+
+
 class W8A8(Scheme):
     name = "w8a8"
     act_bits = 8
@@ -169,7 +183,7 @@ class W4A4(W4A8):
     name, act_bits = "w4a4", 4
 
 
-SCHEMES = {cls.name: cls for cls in (Scheme, W8A8, W4A16, W4A8, W8A4, W4A4)}
+SCHEMES = {cls.name: cls for cls in (Scheme, FP16, W8A8, W4A16, W4A8, W8A4, W4A4)}
 
 
 def make_scheme(name: str, group: int | None = None) -> Scheme:

@@ -1,4 +1,4 @@
-"""Graph layers that call the kernels of schedules/: dense (fp32, W8A8, W4A16, W4A8) and attention."""
+"""Graph layers that call the kernels of schedules/: dense (fp32, fp16, W8A8, W4A16, W4A8) and attention."""
 from __future__ import annotations
 
 import math
@@ -18,7 +18,7 @@ def placeholder(shape, dtype="float32"):
 
 
 class Dense(nn.Module):
-    """y = x·Wᵀ + b from a torch Linear or a QuantLinear (w8a8, w4a16, w4a8), the weights in the
+    """y = x·Wᵀ + b from a torch Linear or a QuantLinear (fp16, w8a8, w4a16, w4a8), the weights in the
     layout of the target's kernel: panels (CPU) or K×O (GPU: DLight's matmuls, and on CUDA our
     kernel for layers of at most matmul.ROWS_GPU rows). `gpu`: False, "cuda" or "opencl";
     `int_dot`: the CPU's integer dot product for W8A8 and W4A8 ("pmaddwd", "sdot" or None; CUDA
@@ -33,7 +33,7 @@ class Dense(nn.Module):
         else:
             self.dot = qmatmul.cpu_dot(int_dot, scheme.name if scheme else "fp32", linear.in_features,
                                        scheme.group if scheme else None)
-        if isinstance(linear, QuantLinear):
+        if isinstance(linear, QuantLinear) and linear.scheme.name != "fp16":
             self.scheme, self.group = linear.scheme.name, linear.scheme.group
             if self.scheme not in ("w8a8", "w4a16", "w4a8"):
                 raise UserError(f"scheme {self.scheme} is simulation-only and has no compiled kernel")
@@ -51,9 +51,12 @@ class Dense(nn.Module):
                 wq, ws = qmatmul.pack_int4(linear.qweight.numpy(), scales.numpy(), True)
             self.wp, self.sw = param(wq), param(ws)
             O, K = linear.out_features, linear.in_features
-        else:
-            self.scheme, self.group = "fp32", None
-            w = linear.weight.detach().float().numpy()
+        else:   # float weights: float32, or float16 (fp16) where the kernels read them; OpenCL,
+            # whose float16 is optional, holds fp16's values as float32
+            self.scheme, self.group = ("fp16" if isinstance(linear, QuantLinear) else "fp32"), None
+            half = self.scheme == "fp16" and gpu != "opencl"
+            w = linear.weight.detach()
+            w = (w.half() if half else w.float()).numpy()
             self.wp = param(matmul.pack_weight(w, gpu))
             O, K = w.shape
         b = bias if bias is not None else linear.bias
@@ -78,9 +81,9 @@ class Dense(nn.Module):
     def rows(self, x2, M, gelu: bool = False):
         """The CPU kernel on x2 M×K, M already padded_rows(…, scheme) → M×O."""
         O = self.out_features
-        if self.scheme == "fp32":
-            return op.tensor_ir_op(matmul.dense_fp32(M, self.in_features, O, gelu), "dense",
-                                   [x2, self.wp, self.b], placeholder([M, O]))
+        if self.scheme in ("fp32", "fp16"):
+            kernel = matmul.dense_fp32(M, self.in_features, O, gelu, "float16" if self.scheme == "fp16" else "float32")
+            return op.tensor_ir_op(kernel, "dense", [x2, self.wp, self.b], placeholder([M, O]))
         sx = op.zeros([1, 1], "float32")  # w4a16 keeps float activations: no scales
         if self.scheme != "w4a16":
             x2, sx = quantize(x2, M, self.in_features, False)
@@ -105,8 +108,9 @@ class Dense(nn.Module):
     def _matmul_gpu(self, x2, M, K):
         """x2·W + b on the GPU, on DLight's matmuls or dp4a (_forward_gpu)."""
         O = self.out_features
-        if self.scheme == "fp32":
-            return op.add(op.matmul(x2, self.wp), self.b)
+        if self.scheme in ("fp32", "fp16"):
+            w = self.wp if self.wp.dtype == "float32" else op.astype(self.wp, "float32")
+            return op.add(op.matmul(x2, w), self.b)
         if self.scheme == "w4a16":
             w = op.tensor_expr_op(qmatmul.dequantize_gpu(K, O, self.group), "dequantize", [self.wp, self.sw])
             return op.add(op.matmul(x2, w), self.b)
@@ -135,7 +139,7 @@ def padded_rows(M: int, scheme: str = "fp32") -> int:
     kernels: layers that share their rows (fc1 → fc2) take the larger."""
     if M < 64:
         return M
-    if scheme == "fp32":
+    if scheme in ("fp32", "fp16"):
         return (M + 5) // 6 * 6
     return M if matmul.row_tile(M) >= 3 else (M + 3) // 4 * 4
 
