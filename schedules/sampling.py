@@ -91,8 +91,12 @@ def sample_rows(N: int, V: int):
             acc = T.decl_buffer((4,), "float32", scope="local")     # total, sum, cut-off weight, target
             pick = T.decl_buffer((3,), "int32", scope="local")      # found, lane, token
             for i0 in range(NV):
+                # loaded clamped in a statement of its own: under the Select's condition TVM drops
+                # the clamp, and the vector load reads past the row (docs/tvm-0.27-findings.md)
                 for j in T.vectorized(LANES):
-                    key[i0 * LANES + j] = T.Select(i0 * LANES + j < V, sort_key(logits[r, T.min(i0 * LANES + j, V - 1)]), LOWEST)
+                    key[i0 * LANES + j] = sort_key(logits[r, T.min(i0 * LANES + j, V - 1)])
+                for j in T.vectorized(LANES):
+                    key[i0 * LANES + j] = T.Select(i0 * LANES + j < V, key[i0 * LANES + j], LOWEST)
             for j in T.vectorized(LANES):
                 hits[j] = key[j]
             for i0 in range(1, NV):

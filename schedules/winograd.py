@@ -78,10 +78,8 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     ntp = (Co + PT - 1) // PT    # product tiles; U and M padded with zero channels up to ntp·PT
     one_task_per_vector = fused(B, Ci, H, W)
 
-    def tap(w, ot, oi, c, r, s):
-        """Filter tap (r, s) of input channel c for output channel ot·PT + oi; 0 past Co."""
-        o = T.min(ot * PT + oi, Co - 1)
-        return T.Select(ot * PT + oi < Co, w[o // mi, c, r, s, o % mi], T.float32(0))
+    def clamped(ot, oi):
+        return T.min(ot * PT + oi, Co - 1)
     i64 = T.int64
     Wq = W // 4 + 1   # padded columns by phase: xp[…, i, k, j] is padded column 4·j + k
     if TW % L == 0:   # the L tiles of a vector share a tile row: contiguous loads, no per-lane division
@@ -184,17 +182,27 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
         # Filter transform U = G·g·Gᵀ, here rather than at build time: the weights keep their size.
         for ot in T.parallel(ntp):
             gt = T.decl_buffer((6, 3, PT), "float32", scope="local")
+            g = T.decl_buffer((3, 3, PT), "float32", scope="local")
             for c in range(Ci):
+                # the taps of output channels ot·PT …, 0 past Co. Loaded clamped in a statement of
+                # their own: under a Select's condition TVM's simplifier drops the clamp, and the
+                # vector load still reads every lane, past the end of w (docs/tvm-0.27-findings.md)
+                for r in T.unroll(3):
+                    for s in T.unroll(3):
+                        for oi in T.vectorized(PT):
+                            g[r, s, oi] = w[clamped(ot, oi) // mi, c, r, s, clamped(ot, oi) % mi]
+                        for oi in T.vectorized(PT):
+                            g[r, s, oi] = T.Select(ot * PT + oi < Co, g[r, s, oi], T.float32(0))
                 for s in T.unroll(3):  # gt = G·g, down the columns
                     for oi in T.vectorized(PT):
-                        gt[0, s, oi] = tap(w, ot, oi, c, 0, s) * T.float32(1 / 4)
-                        gt[1, s, oi] = (tap(w, ot, oi, c, 0, s) + tap(w, ot, oi, c, 1, s) + tap(w, ot, oi, c, 2, s)) * T.float32(-1 / 6)
-                        gt[2, s, oi] = (tap(w, ot, oi, c, 0, s) - tap(w, ot, oi, c, 1, s) + tap(w, ot, oi, c, 2, s)) * T.float32(-1 / 6)
-                        gt[3, s, oi] = (tap(w, ot, oi, c, 0, s) * T.float32(1 / 24) + tap(w, ot, oi, c, 1, s) * T.float32(1 / 12)
-                                        + tap(w, ot, oi, c, 2, s) * T.float32(1 / 6))
-                        gt[4, s, oi] = (tap(w, ot, oi, c, 0, s) * T.float32(1 / 24) - tap(w, ot, oi, c, 1, s) * T.float32(1 / 12)
-                                        + tap(w, ot, oi, c, 2, s) * T.float32(1 / 6))
-                        gt[5, s, oi] = tap(w, ot, oi, c, 2, s)
+                        gt[0, s, oi] = g[0, s, oi] * T.float32(1 / 4)
+                        gt[1, s, oi] = (g[0, s, oi] + g[1, s, oi] + g[2, s, oi]) * T.float32(-1 / 6)
+                        gt[2, s, oi] = (g[0, s, oi] - g[1, s, oi] + g[2, s, oi]) * T.float32(-1 / 6)
+                        gt[3, s, oi] = (g[0, s, oi] * T.float32(1 / 24) + g[1, s, oi] * T.float32(1 / 12)
+                                        + g[2, s, oi] * T.float32(1 / 6))
+                        gt[4, s, oi] = (g[0, s, oi] * T.float32(1 / 24) - g[1, s, oi] * T.float32(1 / 12)
+                                        + g[2, s, oi] * T.float32(1 / 6))
+                        gt[5, s, oi] = g[2, s, oi]
                 for a in T.unroll(6):  # U = gt·Gᵀ, along the rows
                     for oi in T.vectorized(PT):
                         u[a * 6 + 0, ot, c, oi] = gt[a, 0, oi] * T.float32(1 / 4)

@@ -1,6 +1,9 @@
 """Each kernel of schedules/ alone against a numpy reference, on odd shapes."""
 import platform
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -535,3 +538,15 @@ def test_cpu_attention_over_several_row_blocks_and_value_passes(share, bits):
                  out=[((NB, H, n, c), "float32")])
     want = (simulated_8bit_attention if bits else reference_attention)(q, kv, win, pns, qs, share)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["winograd_w_end", "winograd_x_start", "winograd_x_end", "conv_x_start",
+                                  "conv_x_end", "sampling_logits_end"])
+def test_kernels_read_nothing_past_their_inputs(case):
+    """Each input placed against an unreadable page (tests/guard_pages.py, in a process of its
+    own): a read past the end or before the start faults. The Winograd filter transform and the
+    sampler's last partial vector did read past w and the logits (a Select's clamp dropped by
+    TVM's simplifier); a d16 plan build crashed in its decoder when w ended at a page."""
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("guard_pages.py")), case],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
