@@ -17,7 +17,8 @@ tile):
 The last three run in one of two layouts (`fused`):
 - one task per vector of L tiles, all three passes, M one product tile at a time: its V stays in
   the core's L2 and M in L1. For few input channels over many tiles (the 160-channel
-  convolutions at 128² and 256²: 1.15–1.26× faster than in bands, side by side);
+  convolutions at 128² and 256²: 1.14–1.19× faster than in bands alone, side by side, and
+  1.26× at 256² in one instrumented run of the d16 decoder);
 - in bands of tiles, each pass parallel on its own (V and M of a band in the caches): for many
   channels over few tiles, where a private V would not fit L2 and every task of the same tiles
   would transform them again.
@@ -35,7 +36,8 @@ from schedules.conv import channel_tile
 MIN_PIXELS = 16 * 16
 PT = 6                 # output channels per product tile: 6×2 accumulators hide the FMA latency
 BAND_BYTES = 2 << 20   # V and M of one band of tiles: small enough to stay in the caches
-FUSED_V_BYTES = 384 << 10  # a task's own V, within a core's L2 (512 KB here and on a Cortex-A76)
+FUSED_V_BYTES = 384 << 10  # a task's own V, within a core's L2: 512 KB here and on the Pi 5's
+                           # Cortex-A76 (the Orin's A78AE has 256 KB: not measured there)
 TASKS = 16             # tile vectors the fused layout needs: tasks enough to balance the cores
 
 
