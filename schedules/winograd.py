@@ -17,8 +17,9 @@ tile):
 The last three run in one of two layouts (`fused`):
 - one task per vector of L tiles, all three passes, M one product tile at a time: its V stays in
   the core's L2 and M in L1. For few input channels over many tiles (the 160-channel
-  convolutions at 128² and 256²: 1.14–1.19× faster than in bands alone, side by side, and
-  1.26× at 256² in one instrumented run of the d16 decoder);
+  convolutions at 128² and 256²: alone, side by side with the bands, 1.14–1.19× in three runs
+  of 15 repetitions, 1.00–1.23× in two of 7; 1.26× at 256² in one instrumented run of the d16
+  decoder);
 - in bands of tiles, each pass parallel on its own (V and M of a band in the caches): for many
   channels over few tiles, where a private V would not fit L2 and every task of the same tiles
   would transform them again.
