@@ -18,7 +18,7 @@ import tvm  # noqa: E402
 from schedules import conv, sampling, winograd  # noqa: E402
 from schedules.bench import compile_kernel  # noqa: E402
 
-_keep = []   # mappings stay alive while the arrays are in use
+_keep = {}   # id of each guarded array → its mapping, alive while the array is in use
 
 
 def guarded(a: np.ndarray, at: str) -> np.ndarray:
@@ -36,12 +36,13 @@ def guarded(a: np.ndarray, at: str) -> np.ndarray:
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if libc.mprotect(ctypes.c_void_p(base + guard), page, 0) != 0:
         raise OSError("mprotect failed")
-    _keep.append(m)
+    _keep[id(out)] = m
     return out
 
 
 def tensor(a):
-    return tvm.runtime.from_dlpack(a) if not a.flags.owndata else tvm.runtime.tensor(a)
+    """Guarded arrays are handed over in place (a copy would leave the guard behind)."""
+    return tvm.runtime.from_dlpack(a) if id(a) in _keep else tvm.runtime.tensor(a)
 
 
 def run(func, args, outs):
