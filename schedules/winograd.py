@@ -223,6 +223,7 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
             for task in T.parallel(B * NV):
                 n = task // NV
                 tv = task % NV
+                # V and m keep the bands' tile-vector axis (size 1 here): both layouts share the macros
                 V = T.decl_buffer((36, 1, Ci, L), "float32")
                 d = T.decl_buffer((6, 6, L), "float32", scope="local")
                 e = T.decl_buffer((6, 6, L), "float32", scope="local")
