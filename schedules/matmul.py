@@ -272,9 +272,10 @@ def few_rows_body(M: int, R: int, O: int, dtype: str, bound: bool, TX: int, TY: 
 
 @lru_cache(maxsize=None)
 def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = True,
-                   TX: int = 8, TY: int = 32, MT: int = 8):
+                   TX: int = 8, TY: int = 32, MT: int = 8, wdtype: str = "float32"):
     """y = x·W + b (then GELU with `gelu`) for few rows on a GPU: x M×K, W K×O (the GPU layout of
-    pack_weight), b O → y M×O, float32.
+    pack_weight), b O → y M×O, float32. wdtype "float16": W holds float16 weights (plan scheme
+    fp16), widened as they are loaded (4 columns in one 8-byte load); the sums stay float32.
 
     DLight's matmul rule tiles M by 32 and walks K in one thread block per 64 columns, so at 2
     rows (VAR's first scale under CFG) a layer ran as 2–16 blocks that each read all of K in
@@ -285,10 +286,10 @@ def dense_rows_gpu(M: int, K: int, O: int, gelu: bool = False, bound: bool = Tru
     body = few_rows_body(M, K, O, "float32", bound, TX, TY, MT)
 
     @T.prim_func(private=True)
-    def dense(x: T.Buffer((i64(M), i64(K)), "float32"), w: T.Buffer((i64(K), i64(O)), "float32"),
+    def dense(x: T.Buffer((i64(M), i64(K)), "float32"), w: T.Buffer((i64(K), i64(O)), wdtype),
               b: T.Buffer((i64(O),), "float32"), y: T.Buffer((i64(M), i64(O)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        body(y, lambda k, j: w[k, j], lambda acc, i, k, wk: acc + x[i, k] * wk, lambda j: b[j],
+        body(y, lambda k, j: T.Cast("float32", w[k, j]), lambda acc, i, k, wk: acc + x[i, k] * wk, lambda j: b[j],
              lambda tot, i, j: gelu_tanh_exact(tot) if gelu else tot)
 
     return dense.with_attr("tirx.is_scheduled", True)

@@ -73,32 +73,37 @@ def assert_builds_for_sm87(src: str, tmp_path):
         assert 0 < smem <= 48 * 1024 and "spill" not in re.sub(r"0 bytes spill", "", r.stdout + r.stderr)
 
 
-@pytest.mark.parametrize("M,K,O,gelu", [(2, 64, 128, False), (9, 40, 30, True), (18, 33, 64, False),
-                                          (1, 8, 4, True)])
-def test_gpu_dense_for_few_rows_matches_numpy(M, K, O, gelu):
+@pytest.mark.parametrize("M,K,O,gelu,wdtype", [(2, 64, 128, False, "float32"), (9, 40, 30, True, "float32"),
+                                                 (18, 33, 64, False, "float32"), (1, 8, 4, True, "float32"),
+                                                 (2, 64, 128, True, "float16"), (9, 33, 30, False, "float16")])
+def test_gpu_dense_for_few_rows_matches_numpy(M, K, O, gelu, wdtype):
     """The GPU kernel for few rows, its block and thread loops run serially here: 9 and 18 rows
     are several row tiles (the last one partial), 30 columns take single-float loads and a
-    partial column tile, 33 input channels do not divide between the 32 thread rows."""
+    partial column tile, 33 input channels do not divide between the 32 thread rows; float16
+    weights (plan scheme fp16) are widened to float32 as they are loaded."""
     rng = np.random.default_rng(M + K)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((M, K), (O, K), (O,)))
-    (y,) = run(matmul.dense_rows_gpu(M, K, O, gelu, bound=False), x, matmul.pack_weight(w, gpu=True), b,
-               out=[((M, O), "float32")])
+    w = w.astype(wdtype)
+    (y,) = run(matmul.dense_rows_gpu(M, K, O, gelu, bound=False, wdtype=wdtype), x, matmul.pack_weight(w, gpu=True),
+               b, out=[((M, O), "float32")])
     want = torch.from_numpy(x.astype(np.float64) @ w.T.astype(np.float64) + b)
     want = torch.nn.functional.gelu(want, approximate="tanh") if gelu else want
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=1e-4)
 
 
-def test_gpu_dense_for_few_rows_compiles_for_orin_with_16_byte_weight_loads(tmp_path):
-    """d16's fc2 at VAR's first scale (2 rows, 4096 → 1024) for sm_87: one 16-byte load of W per
-    thread and input channel, the partial sums in shared memory within the 48 KB a kernel gets."""
+@pytest.mark.parametrize("wdtype,load", [("float32", r"\*\(float4\*\)\(w_ptr \+"), ("float16", r"\*\(half4\*\)\(w_ptr \+")])
+def test_gpu_dense_for_few_rows_compiles_for_orin_with_whole_weight_loads(tmp_path, wdtype, load):
+    """d16's fc2 at VAR's first scale (2 rows, 4096 → 1024) for sm_87: one load of 4 columns of W
+    per thread and input channel (16 bytes of float32, 8 of float16), the partial sums in shared
+    memory within the 48 KB a kernel gets."""
     import re
 
     import targets
-    f = matmul.dense_rows_gpu(2, 4096, 1024, True)
+    f = matmul.dense_rows_gpu(2, 4096, 1024, True, wdtype=wdtype)
     ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}),
                      target=targets.load("jetson-orin").tvm_target())
     src = ex.mod.imports[0].inspect_source("")
-    assert "__shared__" in src and "__syncthreads()" in src and re.search(r"\*\(float4\*\)\(w_ptr \+", src)
+    assert "__shared__" in src and "__syncthreads()" in src and re.search(load, src), src
     assert_builds_for_sm87(src, tmp_path)
 
 

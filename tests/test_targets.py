@@ -1,6 +1,7 @@
 """Boards: every target file loads, and builds for other boards are cross-linked and checked
 (ELF machine, embedded GPU code that compiles for the board's arch)."""
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -97,8 +98,6 @@ def test_cuda_builds_replay_static_launch_runs_as_cuda_graphs(tiny):
     """With cuda_graph (compiler.build's default for CUDA) a scale function hands its launches,
     the KV-cache write and the attention included, to the VM's CUDA-graph builtin; only a few
     kernels that read x stay outside. Without, every kernel is its own call."""
-    import re
-
     import tvm
 
     from compiler.build import compile_module, lower
@@ -133,6 +132,20 @@ def test_cuda_dense_layers_of_few_rows_run_on_the_few_rows_kernels(tiny):
     assert any(n.startswith("dense_rows") for n in cuda) and any(n.startswith("dense_w8a8_dp4a_rows") for n in cuda)
     assert not any(n.startswith("dense_w8a8_dp4a") and "rows" not in n for n in cuda)
     assert not any(n.startswith("dense_rows") for n in names(lower(var, vae, tiny_plan(var), 1, "opencl")[0]))
+
+
+def test_cuda_fp16_layers_of_few_rows_read_float16_weights(tiny):
+    """fc2 in fp16 (LiteVAR's 16-bit fc2): on CUDA its few-row layers run on dense_rows_gpu reading
+    the float16 weights themselves, no float32 copy cast ahead of them."""
+    from compiler.build import lower
+    var, vae = tiny
+    plan = tiny_plan(var)
+    for b in range(var.cfg.depth):
+        plan.quant_layers[f"blocks.{b}.ffn.fc2"] = {"scheme": "fp16", "group": None}
+    mod = lower(var, vae, plan, 1, "cuda")[0]
+    rows = [f.script() for gv, f in mod.functions.items() if gv.name_hint.startswith("dense_rows")]
+    assert rows and all(re.search(r"w: T.Buffer\(\(T.int64\(\d+\), T.int64\(\d+\)\), \"float16\"\)", r) for r in rows)
+    assert not any(gv.name_hint.startswith("astype") for gv in mod.functions), [gv.name_hint for gv in mod.functions]
 
 
 @needs_cross

@@ -99,9 +99,9 @@ class Dense(nn.Module):
         between threads instead of DLight's row tiles; W8A8 multiplies int8 by int8 into int32
         like the CPU kernel (on CUDA with dp4a, in our kernels)."""
         O = self.out_features
-        if self.scheme == "fp32" and self.gpu == "cuda" and M <= matmul.ROWS_GPU:
-            return op.tensor_ir_op(matmul.dense_rows_gpu(M, K, O, gelu), "dense_rows", [x2, self.wp, self.b],
-                                   placeholder([M, O]))
+        if self.scheme in ("fp32", "fp16") and self.gpu == "cuda" and M <= matmul.ROWS_GPU:
+            kernel = matmul.dense_rows_gpu(M, K, O, gelu, wdtype=self.wp.dtype)
+            return op.tensor_ir_op(kernel, "dense_rows", [x2, self.wp, self.b], placeholder([M, O]))
         y = self._matmul_gpu(x2, M, K)
         return gelu_tanh(y) if gelu else y
 
