@@ -1,7 +1,7 @@
 """Calibrate LiteVAR compression and write the plan file the compiler reads.
 
     python -m compiler.calibrate [--var VAR --vae VAE] --samples 64 --out plan.json \\
-        [--mdwa-threshold 0.95] [--asc-threshold 0.95 --asc-mode map] [--quant w8a8] [--protect ffn.fc2=fp32]
+        [--mdwa-threshold 0.95] [--asc-threshold 0.95 --asc-mode map] [--quant w8a8] [--protect ffn.fc2=fp16]
 
 Generates --samples images (classes spread evenly) with the given sampling settings, measures
 where attention mass lies and how alike the CFG halves attend, and picks MDWA windows, ASC
@@ -60,13 +60,17 @@ def add_plan_args(ap):
     ap.add_argument("--attention-bits", type=int, choices=[8], default=None,
                     help="quantize Q, K, V and the attention map to 8 bits")
     ap.add_argument("--protect", action="append", default=None, metavar="TYPE=SCHEME",
-                    help="keep a layer type at another precision (default: ffn.fc2=fp32); repeatable")
+                    help="keep a layer type at another precision (default with --quant: ffn.fc2=fp16, "
+                         "as LiteVAR's code keeps it); repeatable")
 
 
 def plan_from_args(stats, cfg, args, info):
     quant = parse_scheme(args.quant, args.group, "--quant")
     protect = {}
-    for spec in (args.protect if args.protect is not None else ["ffn.fc2=fp32"]):
+    # by default a quantized plan keeps fc2 in 16 bit, as LiteVAR's released code does: half the
+    # bytes of float32 at a logit KL of ~6e-8 on the demo model (docs/compression.md)
+    default = ["ffn.fc2=fp16"] if quant[0] != "fp32" else []
+    for spec in (args.protect if args.protect is not None else default):
         t, _, sch = spec.partition("=")
         if not sch:
             raise UserError(f"--protect {spec!r}: expected TYPE=SCHEME, e.g. ffn.fc2=w8a8")

@@ -24,7 +24,7 @@ def test_calibrate_writes_a_plan_deterministically(tiny_ckpts, tmp_path):
     plan = load_plan(tmp_path / "a" / "plan.json")
     assert plan.windows is not None and plan.asc_share is not None
     assert plan.quant_layers["blocks.0.attn.mat_qkv"] == {"scheme": "w8a8"}
-    assert "blocks.0.ffn.fc2" not in plan.quant_layers  # protected: stays float by default
+    assert plan.quant_layers["blocks.0.ffn.fc2"]["scheme"] == "fp16"  # protected: 16 bit by default, as in LiteVAR
     # reusing the statistics gives the same plan without sampling
     r3 = run_cli(*args, "--stats", tmp_path / "a" / "plan.stats.npz", "--out", tmp_path / "c.json")
     assert r3.returncode == 0 and "calibrating" not in r3.stderr
