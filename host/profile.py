@@ -32,19 +32,32 @@ from device.runtime import CompiledVAR
 from device.sampling import make_rng
 
 
-def transformer_work(model: dict, batch: int) -> tuple[float, float]:
+STORED_BYTES = {"fp32": 4.0, "fp16": 2.0, "w8a8": 1.0, "w4a16": 0.5, "w4a8": 0.5}   # per weight in a build
+
+
+def transformer_work(model: dict, batch: int, quant_layers: dict | None = None,
+                     device: str = "cpu") -> tuple[float, float]:
     """(multiply-adds, weight bytes read) of the per-scale transformer for one batch: dense layers
-    of every block and the head on every token, attention against all earlier tokens (dense)."""
+    of every block and the head on every token, attention against all earlier tokens (dense).
+    Each layer's weights are read once per scale at the bytes its plan scheme stores
+    (`quant_layers`, the manifest plan's quant.layers; absent: fp32; the scales left out), fp16
+    at 4 on OpenCL, which holds its values in float32."""
     C, D, V = model["width"], model["depth"], model["vocab_size"]
     hidden = model["var"].get("mlp_hidden") or 4 * C
     NB = 2 * batch
-    per_token = D * (C * 3 * C + C * C + 2 * C * hidden) + C * V
+    sizes = {"attn.mat_qkv": C * 3 * C, "attn.proj": C * C, "ffn.fc1": C * hidden, "ffn.fc2": hidden * C}
+    layers = {f"blocks.{b}.{name}": size for b in range(D) for name, size in sizes.items()} | {"head": C * V}
+    per_token = sum(layers.values())
     macs, seen = 0.0, 0
     for pn in model["patch_nums"]:
         n = pn * pn
         seen += n
         macs += NB * n * per_token + D * NB * n * seen * C * 2      # q·k and p·v
-    weights = 4.0 * per_token * len(model["patch_nums"])            # fp32, read once per scale
+
+    def stored(name):
+        scheme = ((quant_layers or {}).get(name) or {}).get("scheme", "fp32")
+        return 4.0 if scheme == "fp16" and device == "opencl" else STORED_BYTES[scheme]
+    weights = sum(size * stored(name) for name, size in layers.items()) * len(model["patch_nums"])
     return macs, weights
 
 
@@ -110,7 +123,8 @@ def profile(model: CompiledVAR, labels, n: int, sampler: dict, board, log=print)
     if not model.remote:
         from host.bench import vm_hwm_mb
         res["memory_mb"]["process_peak_rss"] = vm_hwm_mb()
-    macs, wbytes = transformer_work(man["model"], model.batch)
+    quant = ((man.get("plan") or {}).get("quant") or {}).get("layers")
+    macs, wbytes = transformer_work(man["model"], model.batch, quant, man.get("device", "cpu"))
     roof = board.roofline
     if roof.get("peak_gflops") and roof.get("bandwidth_gbs") and "total" in res["functions_ms"]:
         bound_s = max(2 * macs / (roof["peak_gflops"] * 1e9), wbytes / (roof["bandwidth_gbs"] * 1e9))

@@ -83,6 +83,21 @@ def test_profile_here_writes_json_markdown_and_plot(artifact, tmp_path):
     assert (tmp_path / "p" / "profile.png").stat().st_size > 1000 and (tmp_path / "p" / "profile.md").is_file()
 
 
+def test_profile_roofline_counts_each_weight_at_its_stored_bytes():
+    """fp32 4 bytes, fp16 2 (4 on OpenCL, which holds it in float32), W8A8 1, int4 ½, once per scale."""
+    from host.profile import transformer_work
+    model = {"width": 8, "depth": 2, "vocab_size": 16, "var": {"mlp_hidden": 32}, "patch_nums": [1, 2]}
+    quant = {"blocks.0.ffn.fc2": {"scheme": "fp16"}, "blocks.1.attn.mat_qkv": {"scheme": "w8a8"},
+             "head": {"scheme": "w4a16", "group": 32}}
+    per_block = 8 * 24 + 8 * 8 + 8 * 32 + 32 * 8
+    macs, dense = transformer_work(model, 1)
+    assert dense == 2 * 4.0 * (2 * per_block + 8 * 16)
+    _, planned = transformer_work(model, 1, quant)
+    assert planned == dense - 2 * (2.0 * 32 * 8 + 3.0 * 8 * 24 + 3.5 * 8 * 16)
+    assert transformer_work(model, 1, quant, "opencl")[1] == planned + 2 * 2.0 * 32 * 8
+    assert macs == transformer_work(model, 1, quant)[0]
+
+
 def test_board_killed_mid_profile_keeps_what_was_measured(artifact, tmp_path):
     port = free_port()
     board = serve("tvm.exec.rpc_server", port=port)
