@@ -9,7 +9,10 @@ cores this process may run on, before TVM starts its pool.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+SETTLE_S = 0.1   # see settle()
 
 
 def physical_cores() -> int:
@@ -27,3 +30,13 @@ def physical_cores() -> int:
 
 def claim_cores():
     os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
+
+
+def settle():
+    """Wait until the worker threads of the engine that just ran have stopped spinning. TVM's
+    pool, PyTorch's OpenMP and ONNX Runtime's pool each keep their threads spinning for a while
+    after a parallel call, and on a machine with few cores they compete with the next engine's
+    threads: in schedules.bench our fp32 layer timed right after PyTorch's took 1.15–1.4× its
+    time without PyTorch in the rounds, which flattered W8A8's ratio over it. Benchmarks that
+    interleave engines call this before timing each one (0.1 s was enough there)."""
+    time.sleep(SETTLE_S)

@@ -25,6 +25,7 @@ from pathlib import Path
 from compiler.errors import UserError, cli
 from compiler.fileio import atomic_path
 from compiler.official import load_reference
+from device.cores import settle
 
 ENGINES = ("pytorch", "onnxruntime", "tvm_dense", "tvm_plan")
 DEFAULT_PLAN = {"demo": "plans/demo-all.json", "d16": None}
@@ -152,6 +153,7 @@ def measure(args, var, vae, log) -> dict:
     times = {name: [] for name in args.engines}
     for i in range(args.images):
         for name, run in engines.items():
+            settle()   # the last engine's spinning threads would slow this one's start
             t0 = time.perf_counter()
             run(i % var.cfg.num_classes, i)
             times[name].append(time.perf_counter() - t0)
