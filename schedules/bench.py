@@ -143,16 +143,19 @@ def timed(call, number: int) -> float:
 
 
 def side_by_side(engines: dict, repeat: int, target_s: float = 0.05) -> dict:
-    """name → median seconds per call; calls per sample chosen so a sample lasts ~target_s."""
+    """name → median seconds per call; calls per sample chosen so a sample lasts ~target_s.
+    Each sample starts on quiet cores (settle: the last engine's spinning threads slowed the
+    next one by up to 1.4×) after one untimed call that wakes the engine's own threads
+    (PyTorch's first call after a pause took up to 3× its time)."""
     number = {}
     for name, call in engines.items():
         call()                                             # warm up (and first-touch the memory)
-        settle()
         number[name] = max(1, int(target_s / max(timed(call, 1), 1e-6)))
     samples = {name: [] for name in engines}
     for _ in range(repeat):
         for name, call in engines.items():
-            settle()     # another runtime's spinning threads would slow this one's
+            settle()
+            call()
             samples[name].append(timed(call, number[name]))
     return {name: statistics.median(s) for name, s in samples.items()}
 
@@ -161,7 +164,8 @@ def paired_ratios(engines: dict, base: str, rounds: int, calls: int = 2) -> dict
     """name → median over rounds of (its time ÷ `base`'s time in the same round), each engine
     timed for only `calls` calls a round: less of its data is still in the caches than in
     side_by_side's back-to-back samples of ~50 ms, and each ratio pairs two timings taken
-    moments apart on this shared machine."""
+    moments apart on this shared machine. For engines of one runtime (TVM's): no warm-up call
+    before a round's timing, whose point is the caches the other engines left."""
     for call in engines.values():
         call()
     ratios = {name: [] for name in engines}
@@ -338,13 +342,13 @@ def run(model: str, repeat: int, log=print) -> dict:
     log(f"attention: 2×{heads} heads × {n} queries × {L} keys (c={c}), compiling …")
     engines, kept = attention_engines(width, heads, pns)
     times = side_by_side(engines, repeat)
-    paired = paired_ratios(engines, "dense", 3 * repeat)
+    paired = paired_ratios({k: f for k, f in engines.items() if not k.startswith("torch")}, "dense", 3 * repeat)
     for name, t in times.items():
         flops = 2 * 2.0 * 2 * heads * n * L * c * kept[name]     # q·k and p·v over the kept pairs
         rel = t / times["dense"]
         report["attention"].append({"engine": name, "ms": t * 1e3, "kept_fraction": kept[name],
                                     "time_vs_dense": rel, "cost_per_kept": rel / kept[name],
-                                    "cost_per_kept_paired": paired[name] / kept[name],
+                                    "cost_per_kept_paired": paired[name] / kept[name] if name in paired else None,
                                     "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak})
     L = sum(p * p for p in pns)
     log(f"sampling: {L} tokens × {vocab} codes, compiling …")
@@ -384,7 +388,8 @@ def print_report(r: dict, log=print):
         f"{'÷ kept, 2 calls':>16}")
     for a in r["attention"]:
         log(f"{a['engine']:26} {a['ms']:8.2f} {a['kept_fraction']:7.1%} {a['time_vs_dense']:11.3f} "
-            f"{a['cost_per_kept']:7.2f} {a['gflops']:8.1f} {a['of_peak']:8.1%} {a['cost_per_kept_paired']:16.2f}")
+            f"{a['cost_per_kept']:7.2f} {a['gflops']:8.1f} {a['of_peak']:8.1%} "
+            + (f"{a['cost_per_kept_paired']:16.2f}" if a["cost_per_kept_paired"] is not None else f"{'—':>16}"))
     if r.get("sampling"):
         log(f"\nSampling one image's {r['sampling'][0]['tokens']} tokens over {r['sampling'][0]['vocab']} codes "
             "(top-k 900, top-p 0.95)")
