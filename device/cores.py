@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-SETTLE_S = 0.1   # see settle()
+SETTLE_S = 0.5   # see settle()
 
 
 def physical_cores() -> int:
@@ -37,6 +37,8 @@ def settle():
     pool, PyTorch's OpenMP and ONNX Runtime's pool each keep their threads spinning for a while
     after a parallel call, and on a machine with few cores they compete with the next engine's
     threads: in schedules.bench our fp32 layer timed right after PyTorch's took 1.15–1.4× its
-    time without PyTorch in the rounds, which flattered W8A8's ratio over it. Benchmarks that
-    interleave engines call this before timing each one (0.1 s was enough there)."""
+    time without PyTorch in the rounds, which flattered W8A8's ratio over it. TVM's pool spins
+    longest (it yields, TVM_THREAD_POOL_SPIN_COUNT times): PyTorch's GroupNorm 0.1 s after a
+    burst of TVM calls took 4–5 ms a call, 0.3 s after 0.3 ms, 0.5 s after 0.17 ms. Benchmarks
+    that interleave engines call this before timing each one."""
     time.sleep(SETTLE_S)
