@@ -1,6 +1,6 @@
 """Kernels on a GPU, side by side. CUDA: W8A8 matmuls (our dp4a kernel, DLight's int8 matmul, an
-fp32 matmul), dense layers of few rows (our fp32 and W8A8 kernels for them against DLight's
-matmul and the tiled dp4a kernel), and attention at d16's last scale (the tiled kernel in
+fp32 matmul), dense layers of few rows (our fp32 kernel for them, with float32 or float16
+weights, and our W8A8 one against DLight's matmul and the tiled dp4a kernel), and attention at d16's last scale (the tiled kernel in
 several tilings, the one-thread-per-row kernel in fp32 and with 8-bit softmax weights).
 OpenCL (Mali): the attention kernel with 16-byte loads against the same kernel one float at a time.
 
@@ -39,7 +39,8 @@ SHAPES = ((512, 1024, 3072), (338, 1024, 1024), (512, 4096, 1024))
 KINDS = ("dp4a", "dlight_int8", "dlight_fp32")
 FEW_ROWS = (2, 8, 18, 32, 72, 128, 200, 338, 512)   # fp32 dense layers at VAR's scales (tokens × 2)
 FEW_ROWS_LAYERS = ((1024, 3072), (4096, 1024))   # d16's qkv and fc2: K, O
-FEW_ROWS_KINDS = ("rows", "dlight")              # matmul.dense_rows_gpu, or a Relax matmul + bias for DLight
+FEW_ROWS_KINDS = ("rows", "rows_fp16", "dlight")  # matmul.dense_rows_gpu (float32 or float16 weights, the
+                                                   # plan's fp16 fc2), or a Relax matmul + bias for DLight
 FEW_ROWS_W8A8 = (2, 8, 32, 72, 128, 200)         # W8A8 at those scales: dense_w8a8_dp4a_rows against dense_w8a8_dp4a
 ATTN = {"NB": 2, "H": 16, "c": 64, "pns": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}   # d16, last scale
 ATTN_KERNELS = {   # name → (query rows, keys, threads per row, 4-float key loads, 4-float value loads),
@@ -79,11 +80,13 @@ def weight(kind: str, q: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((q.astype(np.float32) * s[:, None]).T)
 
 
-def few_rows_inputs(M: int, K: int, O: int):
-    """fp32 activations, weights (K×O, the GPU layout) and bias of a dense layer."""
+def few_rows_inputs(M: int, K: int, O: int, kind: str = "rows"):
+    """fp32 activations, weights (K×O, the GPU layout; float16 for kind rows_fp16) and bias of a
+    dense layer."""
     rng = np.random.default_rng(M * 7 + K + O)
-    return (rng.standard_normal((M, K), dtype=np.float32), (rng.standard_normal((K, O), dtype=np.float32) / 32),
-            rng.standard_normal(O, dtype=np.float32))
+    x, w, b = (rng.standard_normal((M, K), dtype=np.float32), (rng.standard_normal((K, O), dtype=np.float32) / 32),
+               rng.standard_normal(O, dtype=np.float32))
+    return x, (w.astype(np.float16) if kind == "rows_fp16" else w), b
 
 
 def build(target: str, out: Path, log=print):
@@ -129,9 +132,9 @@ def build(target: str, out: Path, log=print):
 
         def forward(self, x):
             M, K, O = self.shape
-            if self.kind == "rows":
-                return op.tensor_ir_op(matmul.dense_rows_gpu(M, K, O), "dense_rows", [x, self.w, self.b],
-                                       placeholder([M, O]))
+            if self.kind.startswith("rows"):
+                return op.tensor_ir_op(matmul.dense_rows_gpu(M, K, O, wdtype=self.w.dtype), "dense_rows",
+                                       [x, self.w, self.b], placeholder([M, O]))
             return op.add(op.matmul(x, self.w), self.b)
 
     def compile_to(module, inputs_spec, path):
@@ -148,8 +151,8 @@ def build(target: str, out: Path, log=print):
             for kind in kinds:
                 compile_to(Matmul(kind, M, K, O, q, s), int8_spec(M, K), tmp / f"{kind}_{M}x{K}x{O}.so")
         for M, K, O in few:
-            _, w, b = few_rows_inputs(M, K, O)
             for kind in FEW_ROWS_KINDS:
+                _, w, b = few_rows_inputs(M, K, O, kind)
                 compile_to(FewRows(kind, M, K, O, w, b), {"x": nn.spec.Tensor([M, K], "float32")},
                            tmp / f"few_{kind}_{M}x{K}x{O}.so")
         cases = build_attention(board, tmp, log)
@@ -406,12 +409,12 @@ def run(lib_dir: Path, number: int, log=print) -> list:
                 log(f"W8A8 {M}×{K}·{K}×{O} {kind:12} {us:9.1f} µs {rows[-1]['tops']:6.1f} TOPS  "
                     f"equal to the exact product: {rows[-1]['equal_to_exact']:.2%}")
     for M, K, O in meta.get("few_rows", []):
-        x, w, b = few_rows_inputs(M, K, O)
-        want = x.astype(np.float64) @ w.astype(np.float64) + b
         for kind in FEW_ROWS_KINDS:
+            x, w, b = few_rows_inputs(M, K, O, kind)
+            want = x.astype(np.float64) @ w.astype(np.float64) + b
             y, us = timed(f"few_{kind}_{M}x{K}x{O}.so", (x, w, b))
             rows.append({"few_rows": [M, K, O], "kernel": kind, "us": us, "max_diff": float(np.abs(y - want).max())})
-            log(f"fp32 dense {M}×{K}·{K}×{O} {kind:7} {us:8.1f} µs  max diff vs numpy {rows[-1]['max_diff']:.1e}")
+            log(f"dense {M}×{K}·{K}×{O} {kind:9} {us:8.1f} µs  max diff vs numpy {rows[-1]['max_diff']:.1e}")
     return rows + run_attention(lib_dir, meta.get("attention", {}), number, log)
 
 
