@@ -17,7 +17,8 @@ the fraction of this CPU's peak, measured first by a kernel of independent vecto
 rows also the fraction of its integer peak, where W8A8 runs on vpmaddwd (x86 without VNNI),
 measured by the same kind of kernel on that instruction.
 Engines are timed in rounds (A, B, C, A, B, C, …), so load on this shared machine hits all alike,
-each after a pause in which the last one's worker threads stop spinning (device.cores.settle).
+each after a pause in which the last one's worker threads stop spinning (device.cores.settle)
+and one untimed call.
 """
 from __future__ import annotations
 
@@ -164,8 +165,8 @@ def paired_ratios(engines: dict, base: str, rounds: int, calls: int = 2) -> dict
     """name → median over rounds of (its time ÷ `base`'s time in the same round), each engine
     timed for only `calls` calls a round: less of its data is still in the caches than in
     side_by_side's back-to-back samples of ~50 ms, and each ratio pairs two timings taken
-    moments apart on this shared machine. For engines of one runtime (TVM's): no warm-up call
-    before a round's timing, whose point is the caches the other engines left."""
+    moments apart on this shared machine. Meant for engines of one runtime (our kernels): a
+    round times each without a warm-up call, since its point is the caches the others left."""
     for call in engines.values():
         call()
     ratios = {name: [] for name in engines}
