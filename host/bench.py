@@ -138,6 +138,23 @@ def main(argv=None):
               f"({result['pytorch_s'] / result['all_median_s'][name]:.2f}x PyTorch)")
 
 
+def timed_images(engines: dict, images: int, classes: int, log=print) -> dict:
+    """name → seconds of each of `images` images, engines interleaved (A, B, C, A, …). Each is
+    timed in the engine's steady state: after a pause in which the last engine's threads stop
+    spinning (device.cores.settle) and an untimed image of its own that wakes its threads
+    (PyTorch's first call after a pause took up to 3× its time)."""
+    times = {name: [] for name in engines}
+    for i in range(images):
+        for name, run in engines.items():
+            settle()
+            run(i % classes, i)
+            t0 = time.perf_counter()
+            run(i % classes, i)
+            times[name].append(time.perf_counter() - t0)
+            log(f"image {i + 1}/{images} {name}: {times[name][-1]:.3f} s")
+    return times
+
+
 def measure(args, var, vae, log) -> dict:
     artifacts = {"tvm_dense": args.dense_artifact, "tvm_plan": args.plan_artifact, "onnxruntime": args.onnx}
     # Peak memory first, while this process holds only the reference: freed engines do not give
@@ -150,14 +167,7 @@ def measure(args, var, vae, log) -> dict:
     engines = {name: make_engine(name, var, vae, artifacts, not args.onnx_shared_weights) for name in args.engines}
     for name, run in engines.items():  # warm-up: first-call allocations and caches
         run(0, 0)
-    times = {name: [] for name in args.engines}
-    for i in range(args.images):
-        for name, run in engines.items():
-            settle()   # the last engine's spinning threads would slow this one's start
-            t0 = time.perf_counter()
-            run(i % var.cfg.num_classes, i)
-            times[name].append(time.perf_counter() - t0)
-            log(f"image {i + 1}/{args.images} {name}: {times[name][-1]:.3f} s")
+    times = timed_images(engines, args.images, var.cfg.num_classes, log)
     med = {name: statistics.median(t) for name, t in times.items()}
     return {
         "model": args.model, "target": args.target, "images": args.images, "batch": 1, "cfg": 4.0,

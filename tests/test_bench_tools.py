@@ -95,6 +95,16 @@ def test_speed_plan_keeps_coarse_scales_dense_and_protects_fc2(tmp_path):
     assert "blocks.3.ffn.fc2" not in load_plan(tmp_path / "f32.json").quant_layers
 
 
+def test_host_bench_times_each_image_after_a_pause_and_an_untimed_image(monkeypatch):
+    from host import bench
+    events = []
+    monkeypatch.setattr(bench, "settle", lambda: events.append("settle"))
+    engines = {name: (lambda c, s, name=name: events.append((name, c, s))) for name in ("a", "b")}
+    times = bench.timed_images(engines, 3, 2, log=lambda s: None)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert events == [e for i in range(3) for n in "ab" for e in ("settle", (n, i % 2, i), (n, i % 2, i))]
+
+
 def test_host_bench_names_an_unknown_engine(tmp_path):
     r = run_cli("host.bench", "--engines", "pytorch,tensorrt", "--out", tmp_path / "b.json")
     assert r.returncode == 2
