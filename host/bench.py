@@ -6,7 +6,8 @@
 Engines: the PyTorch eager reference (fp32), ONNX Runtime on the exported graphs
 (compiler.export_onnx), the compiled dense build and the compiled plan build; batch 1, CFG, ten scales, decoder included, top-k 900 / top-p 0.95 sampling. Images are
 interleaved (engine A, B, C, A, B, C, …) so that load on this shared machine hits every engine
-alike; the median is reported. Peak memory is the resident-set high-water mark of a separate
+alike, each timed after a pause and an untimed image of its own (timed_images); the median is
+reported. Peak memory is the resident-set high-water mark of a separate
 process per engine that loads it and generates one image. Artifacts and the ONNX export are
 made when not given.
 """
