@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -32,33 +33,27 @@ from device.runtime import CompiledVAR
 from device.sampling import make_rng
 
 
-STORED_BYTES = {"fp32": 4.0, "fp16": 2.0, "w8a8": 1.0, "w4a16": 0.5, "w4a8": 0.5}   # per weight in a build
+# the artifact's arrays of the layers every scale runs on every token: each block's dense
+# layers and the head (their weights, scales and biases, as the build stores them)
+PER_TOKEN_LAYERS = re.compile(r"var\.(blocks\.\d+\.(attn\.mat_qkv|attn\.proj|ffn\.fc1|ffn\.fc2)|head)\.")
 
 
-def transformer_work(model: dict, batch: int, quant_layers: dict | None = None,
-                     device: str = "cpu") -> tuple[float, float]:
+def transformer_work(model: dict, batch: int, param_bytes: dict) -> tuple[float, float]:
     """(multiply-adds, weight bytes read) of the per-scale transformer for one batch: dense layers
     of every block and the head on every token, attention against all earlier tokens (dense).
-    Each layer's weights are read once per scale at the bytes its plan scheme stores
-    (`quant_layers`, the manifest plan's quant.layers; absent: fp32; the scales left out), fp16
-    at 4 on OpenCL, which holds its values in float32."""
+    `param_bytes`: the artifact's arrays, name → bytes as stored (a plan's int8, int4 and float16
+    weights at their own size); the dense layers' arrays are read once per scale."""
     C, D, V = model["width"], model["depth"], model["vocab_size"]
     hidden = model["var"].get("mlp_hidden") or 4 * C
     NB = 2 * batch
-    sizes = {"attn.mat_qkv": C * 3 * C, "attn.proj": C * C, "ffn.fc1": C * hidden, "ffn.fc2": hidden * C}
-    layers = {f"blocks.{b}.{name}": size for b in range(D) for name, size in sizes.items()} | {"head": C * V}
-    per_token = sum(layers.values())
+    per_token = D * (C * 3 * C + C * C + 2 * C * hidden) + C * V
     macs, seen = 0.0, 0
     for pn in model["patch_nums"]:
         n = pn * pn
         seen += n
         macs += NB * n * per_token + D * NB * n * seen * C * 2      # q·k and p·v
-
-    def stored(name):
-        scheme = ((quant_layers or {}).get(name) or {}).get("scheme", "fp32")
-        return 4.0 if scheme == "fp16" and device == "opencl" else STORED_BYTES[scheme]
-    weights = sum(size * stored(name) for name, size in layers.items()) * len(model["patch_nums"])
-    return macs, weights
+    per_scale = sum(b for name, b in param_bytes.items() if PER_TOKEN_LAYERS.match(name))
+    return macs, float(per_scale * len(model["patch_nums"]))
 
 
 def instrumented_kernels(model: CompiledVAR, labels, sampler) -> dict:
@@ -117,14 +112,15 @@ def profile(model: CompiledVAR, labels, n: int, sampler: dict, board, log=print)
     if res["error"] is None and not model.remote:
         res["kernels_ms"] = instrumented_kernels(model, labels, sampler)
         res["kernel_families_ms"] = kernel_families(res["kernels_ms"])
-    params_mb = sum(np.prod(p.shape) * np.dtype(p.dtype).itemsize for p in model.params) / 2**20
+    param_bytes = {name: int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
+                   for name, p in zip(man["param_names"], model.params)}
+    params_mb = sum(param_bytes.values()) / 2**20
     kv_mb = sum(np.prod(k.shape) * 4 for k in model.kv) / 2**20
     res["memory_mb"] = {"weights": params_mb, "kv_cache": kv_mb}
     if not model.remote:
         from host.bench import vm_hwm_mb
         res["memory_mb"]["process_peak_rss"] = vm_hwm_mb()
-    quant = ((man.get("plan") or {}).get("quant") or {}).get("layers")
-    macs, wbytes = transformer_work(man["model"], model.batch, quant, man.get("device", "cpu"))
+    macs, wbytes = transformer_work(man["model"], model.batch, param_bytes)
     roof = board.roofline
     if roof.get("peak_gflops") and roof.get("bandwidth_gbs") and "total" in res["functions_ms"]:
         bound_s = max(2 * macs / (roof["peak_gflops"] * 1e9), wbytes / (roof["bandwidth_gbs"] * 1e9))
