@@ -14,8 +14,8 @@ For the transformer shapes of the model at its last scale (2 × n tokens under C
 - the 3×3 convolutions of the VQVAE decoder at their image sizes against PyTorch's conv2d.
 Each row gives the median time, GFLOP/s (multiply-adds × 2, kept pairs only for attention) and
 the fraction of this CPU's peak, measured first by a kernel of independent vector FMAs; int8
-rows also the fraction of its integer peak, where W8A8 runs on vpmaddwd (x86 without VNNI),
-measured by the same kind of kernel on that instruction.
+rows also the fraction of its integer peak, where W8A8 runs on vpmaddwd (x86 without VNNI) or
+vpdpbusd (x86 with VNNI), measured by the same kind of kernel on that instruction.
 Engines are timed in rounds (A, B, C, A, B, C, …), so load on this shared machine hits all alike,
 each after a pause in which the last one's worker threads stop spinning (device.cores.settle)
 and one untimed call.
@@ -88,10 +88,15 @@ def peak_kernel(threads: int, iters: int, chains: int = 12, lanes: int = 8):
     return peak.with_attr("tirx.is_scheduled", True), 2.0 * threads * iters * chains * lanes
 
 
-def int_peak_kernel(threads: int, iters: int, chains: int = 12):
-    """The W8A8 kernel's inner step on x86 without VNNI, vpmaddwd then vpaddd (16 int16
-    multiply-adds into 8 int32 lanes), in independent chains: the integer peak it can reach."""
-    intrin = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+PEAK_STEP = {"pmaddwd": "vpmaddwd + vpaddd", "vpdpbusd": "vpdpbusd"}   # x86 W8A8 inner steps
+
+
+def int_peak_kernel(threads: int, iters: int, chains: int = 12, dot: str = "pmaddwd"):
+    """The W8A8 kernel's inner step on x86, in independent chains: the integer peak it can reach.
+    pmaddwd (no VNNI): vpmaddwd then vpaddd, 16 int16 multiply-adds into 8 int32 lanes;
+    vpdpbusd (VNNI): 32 byte multiply-adds into 8 int32 lanes, accumulating."""
+    vnni = dot == "vpdpbusd"
+    intrin = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256" if vnni else "llvm.x86.avx2.pmadd.wd")
 
     @T.prim_func(private=True)
     def peak(out: T.Buffer((threads, 8), "int32")):
@@ -106,16 +111,21 @@ def int_peak_kernel(threads: int, iters: int, chains: int = 12):
                     acc[c * 8 + u] = c + u
             for _ in range(iters):
                 for c in T.unroll(chains):   # the chain's own value as one operand: nothing to hoist
-                    acc[T.ramp(c * 8, 1, 8)] = acc[T.ramp(c * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                        intrin, T.reinterpret(acc[T.ramp(c * 8, 1, 8)], dtype="int16x16"), a[T.ramp(0, 1, 16)],
-                        dtype="int32x8")
+                    if vnni:
+                        acc[T.ramp(c * 8, 1, 8)] = T.call_llvm_pure_intrin(
+                            intrin, acc[T.ramp(c * 8, 1, 8)], T.reinterpret(a[T.ramp(0, 1, 16)], dtype="int8x32"),
+                            T.reinterpret(acc[T.ramp(c * 8, 1, 8)], dtype="int8x32"), dtype="int32x8")
+                    else:
+                        acc[T.ramp(c * 8, 1, 8)] = acc[T.ramp(c * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                            intrin, T.reinterpret(acc[T.ramp(c * 8, 1, 8)], dtype="int16x16"), a[T.ramp(0, 1, 16)],
+                            dtype="int32x8")
             for u in T.vectorized(8):
                 out[t, u] = 0
             for c in range(chains):
                 for u in T.vectorized(8):
                     out[t, u] = out[t, u] + acc[c * 8 + u]
 
-    return peak.with_attr("tirx.is_scheduled", True), 2.0 * threads * iters * chains * 16
+    return peak.with_attr("tirx.is_scheduled", True), 2.0 * threads * iters * chains * (32 if vnni else 16)
 
 
 def best_rate(kernel, dtype: str, repeat: int = 5) -> float:
@@ -128,8 +138,11 @@ def best_rate(kernel, dtype: str, repeat: int = 5) -> float:
 
 
 def measured_int_peak_gops(repeat: int = 5) -> float | None:
-    """Integer multiply-adds × 2 per second at the W8A8 kernel's instruction, where it is vpmaddwd."""
-    return best_rate(int_peak_kernel, "int32", repeat) if targets.load("host").int_dot == "pmaddwd" else None
+    """Integer multiply-adds × 2 per second at the W8A8 kernel's instruction, on x86 (PEAK_STEP)."""
+    dot = targets.load("host").int_dot
+    if dot not in PEAK_STEP:
+        return None
+    return best_rate(lambda threads, iters: int_peak_kernel(threads, iters, dot=dot), "int32", repeat)
 
 
 def measured_peak_gflops(repeat: int = 5) -> float:
@@ -324,7 +337,7 @@ def run(model: str, repeat: int, log=print) -> dict:
     log(f"  {peak:.0f} GFLOP/s")
     int_peak = measured_int_peak_gops()
     if int_peak is not None:
-        log(f"  and its int16 dot-product peak (vpmaddwd + vpaddd): {int_peak:.0f} GOP/s")
+        log(f"  and its integer dot-product peak ({PEAK_STEP[targets.load('host').int_dot]}): {int_peak:.0f} GOP/s")
     report = {"model": model, "tokens": M, "peak_gflops": peak, "int_peak_gops": int_peak,
               "dense": [], "attention": [], "conv": [], "groupnorm": [], "sampling": []}
     layers = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, hidden),
@@ -376,7 +389,7 @@ def run(model: str, repeat: int, log=print) -> dict:
 def print_report(r: dict, log=print):
     int_peak = r.get("int_peak_gops")
     log(f"\nDense layers, {r['tokens']} tokens ({r['model']}); peak {r['peak_gflops']:.0f} GFLOP/s"
-        + (f", int16 dot peak {int_peak:.0f} GOP/s (of int peak: int8 engines)" if int_peak else ""))
+        + (f", integer dot peak {int_peak:.0f} GOP/s (of int peak: int8 engines)" if int_peak else ""))
     log(f"{'layer':6} {'engine':22} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8} {'of int peak':>12} {'vs tvm fp32':>12} "
         f"{'vs torch fp32':>14}")
     for d in r["dense"]:

@@ -157,15 +157,20 @@ def dense_quant(M: int, K: int, O: int, scheme: str, group: int | None = None):
     return dense_q.with_attr("tirx.is_scheduled", True)
 
 
-DOT_WIDTH = {"pmaddwd": 2, "sdot": 4, "dp4a": 4}   # inputs each instruction sums into one int32 lane
+DOT_WIDTH = {"pmaddwd": 2, "vpdpbusd": 4, "sdot": 4, "dp4a": 4}   # inputs each instruction sums into one int32 lane
+VNNI_OFFSET = 128   # vpdpbusd multiplies unsigned bytes by signed ones: weights are stored as w + 128
 
 
 def dot_for(dot: str | None, K: int, group: int | None = None) -> str | None:
-    """The CPU's integer dot product (targets.Board.int_dot: "pmaddwd" on x86 with AVX2, int16
-    pairs; "sdot" on AArch64 with dotprod, int8 quads) if a layer of K inputs (int4 groups of
-    `group`) can use it, else None (the float kernel, dense_quant)."""
+    """The CPU's integer dot product (targets.Board.int_dot: "vpdpbusd" on x86 with VNNI and
+    "pmaddwd" on x86 with AVX2, int8 quads and int16 pairs; "sdot" on AArch64 with dotprod, int8
+    quads) if a layer of K inputs (int4 groups of `group`) can use it, else None (the float
+    kernel, dense_quant). int4 weights on a VNNI CPU take pmaddwd: VNNI's unsigned operand would
+    need the nibbles offset and a correction per group."""
     if not dot:
         return None
+    if dot == "vpdpbusd" and group is not None:
+        dot = "pmaddwd"
     d = DOT_WIDTH[dot]
     return dot if K % d == 0 and (group is None or group % d == 0) else None
 
@@ -190,11 +195,14 @@ def cpu_kernel(M: int, K: int, O: int, scheme: str, group: int | None, dot: str 
 
 def pack_int8_dot(qweight: np.ndarray, dot: str) -> np.ndarray:
     """int8 O×K → P × K/d × LANES × d (d = DOT_WIDTH[dot]): for each run of d inputs, the d
-    weights of each channel side by side, the operand layout of the dot instruction."""
+    weights of each channel side by side, the operand layout of the dot instruction; for
+    vpdpbusd the bytes of w + VNNI_OFFSET (1 … 255, read as unsigned)."""
     O, K = qweight.shape
     d = DOT_WIDTH[dot]
     if O % LANES or K % d:
         raise ValueError(f"{dot} packing needs O % {LANES} == 0 and K % {d} == 0, got {O}×{K}")
+    if dot == "vpdpbusd":
+        qweight = (qweight.astype(np.int16) + VNNI_OFFSET).astype(np.uint8).view(np.int8)
     return np.ascontiguousarray(qweight.reshape(O // LANES, LANES, K // d, d).transpose(0, 2, 1, 3))
 
 
@@ -209,8 +217,16 @@ def nibble_word(byte, u, d: int):
     return word
 
 
+def vnni_products(wu, x8, w0, x0, vl: int):
+    """What vpdpbusd adds to vl int32 lanes: lane u sums unsigned weight bytes w0+4u … w0+4u+3
+    times the signed activations x0 … x0+3 (the run every lane shares)."""
+    terms = [T.Cast(f"int32x{vl}", wu[T.ramp(w0 + j, 4, vl)]) * T.broadcast(T.Cast("int32", x8[x0 + j]), vl)
+             for j in range(4)]
+    return terms[0] + terms[1] + terms[2] + terms[3]
+
+
 @lru_cache(maxsize=None)  # one parse per shape
-def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None):
+def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None, emulate: bool = False):
     """W8A8, or W4A8 with `group`, on the CPU's integer dot product, bit for bit the simulation
     (the int32 sums are its exact integer sums; W4A8 scales each group's sum in float64 like
     dense_quant). Arguments: W8A8 (x int8 M×K, sx M×1, w int8 P×K/d×LANES×d (pack_int8_dot),
@@ -220,6 +236,12 @@ def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None):
     - pmaddwd (x86 AVX2, which has no int8 dot product): multiplies 16 int16 pairs and adds each
       pair into an int32 lane, 16 multiply-adds per instruction where an fp32 FMA does 8.
       Activations, and one weight panel at a time, are widened to int16 once.
+    - vpdpbusd (x86 AVX-VNNI, or AVX512-VNNI on 256-bit vectors): sums 4 products of an
+      unsigned and a signed byte into each of 8 int32 lanes, and accumulates: 32 multiply-adds
+      per instruction. The weights are the unsigned operand, stored as w + 128
+      (pack_int8_dot), so each row's sum is Σ w·x + 128·Σ x: the kernel sums each activation
+      row once and takes 128·Σ x off, exactly, in int32. emulate=True writes the instruction's
+      sum out instead, so that a CPU without VNNI (this one) can check the rest bit for bit.
     - sdot (AArch64): sums 4 int8 products into each of 4 int32 lanes, and accumulates; W8A8
       reads the int8 activations and weights where they are.
     int4 weights are unpacked once per panel into the operand layout (nibble_word): the byte
@@ -232,18 +254,22 @@ def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None):
         check_group(K, group)
         if group % d:
             raise UserError(f"int4 group size {group} is not a multiple of {dot}'s {d} inputs")
+        if dot == "vpdpbusd":
+            raise ValueError("int4 weights take pmaddwd on a VNNI CPU (dot_for)")
     P, L = O // LANES, LANES
     mi = row_tile(M)
     R, KD = M // mi, K // d
     GK = group // d if four else KD          # dot steps per group (W8A8: one group of all K)
     G = KD // GK
-    vl = 8 if dot == "pmaddwd" else 4       # int32 lanes per accumulator vector
+    vl = 4 if dot == "sdot" else 8          # int32 lanes per accumulator vector
     V = L // vl
     widen = dot == "pmaddwd"                 # operands widened to int16 first
+    vnni = dot == "vpdpbusd"                 # unsigned weights: each row's sum corrected
     unpack = widen or four                   # weights copied per panel into the operand layout
     ev = f"{'int16' if widen else 'int8'}x{vl * d}"   # one operand vector
     i64 = T.int64
-    intrin = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd" if dot == "pmaddwd" else "llvm.aarch64.neon.sdot")
+    intrin = T.llvm_lookup_intrinsic_id({"pmaddwd": "llvm.x86.avx2.pmadd.wd", "sdot": "llvm.aarch64.neon.sdot",
+                                         "vpdpbusd": "llvm.x86.avx512.vpdpbusd.256"}[dot])
     wshape = (i64(P), i64(K // 2), i64(L)) if four else (i64(P), i64(KD), i64(L), i64(d))
     sshape = (i64(P), i64(G), i64(L)) if four else (i64(O),)
 
@@ -258,10 +284,17 @@ def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None):
         x8 = T.decl_buffer((M * K,), "int8", data=x.data)          # sdot reads the int8 operands in place
         w8 = T.decl_buffer((P * K * L,), "int8", data=wq.data)      # (W8A8)
         xs = T.decl_buffer((M * K if widen else 1,), "int16")       # pmaddwd: widened once
+        wu = T.decl_buffer((P * K * L,), "uint8", data=wq.data)     # vpdpbusd's unsigned weights
+        xsum = T.decl_buffer((M if vnni else 1,), "int32")          # vpdpbusd: Σ x of each row
         if widen:
             for i in T.parallel(M):
                 for k in T.vectorized(K):
                     xs[i * K + k] = T.Cast("int16", x8[i * K + k])
+        if vnni:
+            for i in T.parallel(M):
+                xsum[i] = 0
+                for k in range(K):
+                    xsum[i] = xsum[i] + T.Cast("int32", x8[i * K + k])
         for p in T.parallel(P):
             ww = T.decl_buffer((K * L if unpack else 1,), "int16" if widen else "int8")
             if four:
@@ -303,12 +336,16 @@ def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None):
                                         intrin, acc[T.ramp(ii * L + v * vl, 1, vl)],
                                         T.reinterpret(T.broadcast(run, vl), dtype=ev),
                                         ww[T.ramp((g * GK + kg) * d * L + v * vl * d, 1, vl * d)], dtype=f"int32x{vl}")
+                                elif vnni and emulate:   # the instruction's sum, written out
+                                    acc[T.ramp(ii * L + v * vl, 1, vl)] = acc[T.ramp(ii * L + v * vl, 1, vl)] + (
+                                        vnni_products(wu, x8, p * K * L + kg * d * L + v * vl * d, (r * mi + ii) * K + d * kg, vl))
                                 else:
                                     run = T.reinterpret(x8[T.ramp((r * mi + ii) * K + d * kg, 1, d)], dtype="int32")
+                                    xv = T.reinterpret(T.broadcast(run, vl), dtype=ev)
+                                    wv = w8[T.ramp(p * K * L + kg * d * L + v * vl * d, 1, vl * d)]
                                     acc[T.ramp(ii * L + v * vl, 1, vl)] = T.call_llvm_pure_intrin(
                                         intrin, acc[T.ramp(ii * L + v * vl, 1, vl)],
-                                        T.reinterpret(T.broadcast(run, vl), dtype=ev),
-                                        w8[T.ramp(p * K * L + kg * d * L + v * vl * d, 1, vl * d)], dtype=f"int32x{vl}")
+                                        wv if vnni else xv, xv if vnni else wv, dtype=f"int32x{vl}")
                     if four:
                         for ii in T.unroll(mi):
                             for u in T.vectorized(L):
@@ -318,6 +355,9 @@ def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None):
                     for u in T.vectorized(L):
                         if four:
                             y[r * mi + ii, p * L + u] = T.Cast("float32", facc[ii * L + u]) * sx[r * mi + ii, i64(0)]
+                        elif vnni:
+                            y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii * L + u] - VNNI_OFFSET * xsum[r * mi + ii]) \
+                                * sx[r * mi + ii, i64(0)] * ws[p * L + u]
                         else:
                             y[r * mi + ii, p * L + u] = T.Cast("float32", acc[ii * L + u]) * sx[r * mi + ii, i64(0)] * ws[p * L + u]
 

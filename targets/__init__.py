@@ -65,12 +65,19 @@ class Board:
 
     @property
     def int_dot(self) -> str | None:
-        """The integer dot product W8A8 kernels may use on the board's CPU: "pmaddwd" (x86 with
-        AVX2), "sdot" (AArch64 with dotprod: Cortex-A55/A75 and later), or None."""
+        """The integer dot product W8A8 kernels may use on the board's CPU: "vpdpbusd" (x86 with
+        AVX-VNNI, or AVX512-VNNI and 256-bit AVX-512: Alder Lake, Cascade Lake, Zen 4 and
+        later), "pmaddwd" (x86 with AVX2), "sdot" (AArch64 with dotprod: Cortex-A55/A75 and
+        later), or None."""
         from tvm.target import Target, codegen  # noqa: PLC0415
-        feature = {"x86_64": ("avx2", "pmaddwd"), "aarch64": ("dotprod", "sdot")}.get(self.arch)
-        if feature and codegen.target_has_features(feature[0], Target(self.cpu_target)):
-            return feature[1]
+        target = Target(self.cpu_target)
+        has = lambda *features: all(codegen.target_has_features(f, target) for f in features)  # noqa: E731
+        if self.arch == "x86_64":
+            if has("avxvnni") or has("avx512vnni", "avx512vl"):
+                return "vpdpbusd"
+            return "pmaddwd" if has("avx2") else None
+        if self.arch == "aarch64":
+            return "sdot" if has("dotprod") else None
         return None
 
     @property

@@ -1,4 +1,5 @@
 """Each kernel of schedules/ alone against a numpy reference, on odd shapes."""
+import dataclasses
 import platform
 import subprocess
 import sys
@@ -199,12 +200,81 @@ def test_pmaddwd_kernels_equal_the_pytorch_simulation_bit_for_bit(scheme, M, K, 
     np.testing.assert_array_equal(run_quantized(scheme, x, packed, b, dot="pmaddwd"), want)
 
 
+VNNI_CPUS = ("alderlake", "znver4")    # AVX-VNNI (VEX), AVX512-VNNI on 256-bit vectors (EVEX)
+
+
+@pytest.mark.parametrize("M,K,O", [(2, 64, 48), (18, 128, 32), (1, 2112, 16), (5, 8, 16)])
+def test_vnni_kernel_equals_the_pytorch_simulation_bit_for_bit(M, K, O):
+    """W8A8 on vpdpbusd, its sum written out (this CPU has no VNNI): weights stored as w + 128
+    and each row's 128·Σx taken off give the simulation's sums, at their extremes too."""
+    x, w, b = quantized_case(M, K, O, K + O)
+    x[-1] = 1.0                        # a row of 127s
+    w[0], w[2] = -1.0, 1.0             # channels of −127 (stored as 1) and of 127 (stored as 255)
+    scheme = W8A8()
+    packed = scheme.pack(torch.from_numpy(w))
+    want = scheme.matmul(torch.from_numpy(x), packed).numpy()
+    xq, sx = (a.numpy() for a in quantize_per_token_int8(torch.from_numpy(x)))
+    wp, ws = qmatmul.pack_cpu("w8a8", packed["qweight"].numpy(), packed["scales"].numpy(), "vpdpbusd")
+    assert wp.view(np.uint8).min() >= 1
+    (y,) = run(qmatmul.dense_dot(M, K, O, "vpdpbusd", emulate=True), xq, sx, wp, ws, b, out=[((M, O), "float32")])
+    np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("cpu", VNNI_CPUS)
+def test_vnni_builds_run_on_vpdpbusd(cpu):
+    """For VNNI CPUs the W8A8 kernel and the benchmark's peak kernel compile to vpdpbusd, with no
+    vpmaddwd left; where this CPU has VNNI, the real instruction gives the simulation's result."""
+    from schedules.bench import int_peak_kernel
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "mtriple": "x86_64-linux-gnu"})
+    for func in (qmatmul.dense_dot(6, 128, 32, "vpdpbusd"), int_peak_kernel(2, 10, dot="vpdpbusd")[0]):
+        ex = tvm.compile(tvm.IRModule({"f": func.with_attr("global_symbol", "f")}), target=target)
+        asm = ex.mod.inspect_source("s")
+        assert "vpdpbusd" in asm and "vpmaddwd" not in asm
+    import targets
+    if targets.load("host").int_dot == "vpdpbusd":
+        x, w, b = quantized_case(6, 128, 32, 0)
+        packed = W8A8().pack(torch.from_numpy(w))
+        xq, sx = (a.numpy() for a in quantize_per_token_int8(torch.from_numpy(x)))
+        wp, ws = qmatmul.pack_cpu("w8a8", packed["qweight"].numpy(), packed["scales"].numpy(), "vpdpbusd")
+        (y,) = run(qmatmul.dense_dot(6, 128, 32, "vpdpbusd"), xq, sx, wp, ws, b, out=[((6, 32), "float32")])
+        np.testing.assert_array_equal(y, W8A8().matmul(torch.from_numpy(x), packed).numpy())
+
+
+def test_a_w8a8_layer_built_for_a_vnni_cpu_runs_on_vpdpbusd():
+    """The whole path of a layer (packing, the Relax call, the build pipeline) picks VNNI from
+    the target: a W8A8 Dense compiled for an Alder Lake calls vpdpbusd (compiled, not run)."""
+    from tvm.relax.frontend import nn as rnn
+
+    import targets
+    from compiler.build import pipeline
+    from compiler.compress.quant import QuantLinear
+    from compiler.lower.layers import Dense
+    board = dataclasses.replace(targets.load("host"), target={"kind": "llvm", "mcpu": "alderlake",
+                                                             "mtriple": "x86_64-linux-gnu"})
+    torch.manual_seed(0)
+    d = Dense(QuantLinear(torch.nn.Linear(64, 32), W8A8()), int_dot=board.int_dot)
+    assert d.dot == "vpdpbusd"
+    mod, _ = d.export_tvm(spec={"forward": {"x": rnn.spec.Tensor([12, 64], "float32"),
+                                            "$": {"param_mode": "plain", "effect_mode": "none"}}})
+    t = board.tvm_target()
+    ex = tvm.compile(mod, target=t, relax_pipeline=pipeline(t))
+    assert "vpdpbusd" in ex.mod.imports[0].inspect_source("s")     # the kernels' library
+
+
 def test_each_cpu_gets_its_integer_dot_product():
     import targets
     assert targets.load("rpi5").int_dot == "sdot" and targets.load("jetson-orin").cpu_only().int_dot == "sdot"
     assert targets.load("arm64-cpu").int_dot == "sdot"
     if platform.machine() == "x86_64":
-        assert targets.load("host").int_dot == "pmaddwd"
+        host = targets.load("host")
+        vnni = any(tvm.target.codegen.target_has_features(f, host.tvm_target()) for f in ("avxvnni", "avx512vnni"))
+        assert host.int_dot == ("vpdpbusd" if vnni else "pmaddwd")
+    x86 = lambda cpu: dataclasses.replace(targets.load("host"), target={"kind": "llvm", "mcpu": cpu,  # noqa: E731
+                                                                        "mtriple": "x86_64-linux-gnu"})
+    assert x86("alderlake").int_dot == "vpdpbusd" and x86("znver4").int_dot == "vpdpbusd"   # AVX-VNNI, AVX512-VNNI
+    assert x86("znver2").int_dot == "pmaddwd" and x86("x86-64").int_dot is None              # AVX2 only, SSE only
+    assert qmatmul.dot_for("vpdpbusd", 64) == "vpdpbusd" and qmatmul.dot_for("vpdpbusd", 6) is None
+    assert qmatmul.dot_for("vpdpbusd", 64, 32) == "pmaddwd"     # int4 weights take pmaddwd on VNNI CPUs
     assert qmatmul.dot_for("sdot", 1024) == "sdot" and qmatmul.dot_for("pmaddwd", 7) is None  # odd K: float kernel
     assert qmatmul.dot_for("sdot", 6) is None and qmatmul.dot_for(None, 1024) is None
     assert qmatmul.dot_for("sdot", 64, 2) is None and qmatmul.dot_for("pmaddwd", 64, 2) == "pmaddwd"  # int4 groups

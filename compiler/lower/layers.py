@@ -21,7 +21,7 @@ class Dense(nn.Module):
     """y = x·Wᵀ + b from a torch Linear or a QuantLinear (fp16, w8a8, w4a16, w4a8), the weights in the
     layout of the target's kernel: panels (CPU) or K×O (GPU: DLight's matmuls, and on CUDA our
     kernel for layers of at most matmul.ROWS_GPU rows). `gpu`: False, "cuda" or "opencl";
-    `int_dot`: the CPU's integer dot product for W8A8 and W4A8 ("pmaddwd", "sdot" or None; CUDA
+    `int_dot`: the CPU's integer dot product for W8A8 and W4A8 ("vpdpbusd", "pmaddwd", "sdot" or None; CUDA
     W8A8 runs on dp4a)."""
 
     def __init__(self, linear, bias=None, gpu: str | bool = False, int_dot: str | None = None):

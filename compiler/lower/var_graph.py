@@ -141,7 +141,7 @@ class Block(nn.Module):
 class VARGraph(nn.Module):
     """All per-scale VAR functions; parameters are taken from a (plan-applied) reference VAR.
     `gpu` (False, "cuda" or "opencl") picks the GPU variants of the kernels (and their weight layout);
-    `int_dot` the CPU's integer dot product for W8A8 ("pmaddwd", "sdot" or None: targets.Board)."""
+    `int_dot` the CPU's integer dot product for W8A8 ("vpdpbusd", "pmaddwd", "sdot" or None: targets.Board)."""
 
     def __init__(self, var: VAR, plan: Plan | None = None, gpu: str | bool = False, int_dot: str | None = None):
         cfg = self.cfg = var.cfg
