@@ -251,11 +251,11 @@ def dense_dot(M: int, K: int, O: int, dot: str, group: int | None = None, emulat
     d = DOT_WIDTH[dot]
     four = group is not None
     if four:
+        if dot == "vpdpbusd":
+            raise ValueError("int4 weights take pmaddwd on a VNNI CPU (dot_for)")
         check_group(K, group)
         if group % d:
             raise UserError(f"int4 group size {group} is not a multiple of {dot}'s {d} inputs")
-        if dot == "vpdpbusd":
-            raise ValueError("int4 weights take pmaddwd on a VNNI CPU (dot_for)")
     P, L = O // LANES, LANES
     mi = row_tile(M)
     R, KD = M // mi, K // d
