@@ -7,7 +7,8 @@ Engines: the PyTorch eager reference (fp32), ONNX Runtime on the exported graphs
 (compiler.export_onnx), the compiled dense build and the compiled plan build; batch 1, CFG, ten scales, decoder included, top-k 900 / top-p 0.95 sampling. Images are
 interleaved (engine A, B, C, A, B, C, …) so that load on this shared machine hits every engine
 alike, each timed after a pause and an untimed image of its own (timed_images); the median is
-reported. Peak memory is the resident-set high-water mark of a separate
+reported, and each engine's speed-up over PyTorch round by round (its median and range show how
+much one run's ratio of medians can move on a noisy machine). Peak memory is the resident-set high-water mark of a separate
 process per engine that loads it and generates one image. Artifacts and the ONNX export are
 made when not given.
 """
@@ -135,8 +136,11 @@ def main(argv=None):
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     for name in args.engines:
+        rounds = result["speedup_per_round"].get(name)
+        spread = (f"; per round {rounds['min']:.2f}–{rounds['max']:.2f}x, median {rounds['median']:.2f}x"
+                  if rounds else "")
         print(f"{name:10s} {result['all_median_s'][name]:.3f} s/image  peak {result['peak_mb'][name]:.0f} MB  "
-              f"({result['pytorch_s'] / result['all_median_s'][name]:.2f}x PyTorch)")
+              f"({result['pytorch_s'] / result['all_median_s'][name]:.2f}x PyTorch{spread})")
 
 
 def timed_images(engines: dict, images: int, classes: int, log=print) -> dict:
@@ -154,6 +158,17 @@ def timed_images(engines: dict, images: int, classes: int, log=print) -> dict:
             times[name].append(time.perf_counter() - t0)
             log(f"image {i + 1}/{images} {name}: {times[name][-1]:.3f} s")
     return times
+
+
+def round_speedups(times: dict, base: str = "pytorch") -> dict:
+    """name → base's time ÷ the engine's, image by image (the same round of timed_images), with
+    their median and range: how far one draw on this noisy machine can move the ratio of medians."""
+    out = {}
+    for name, ts in times.items():
+        if name != base:
+            per = [b / t for b, t in zip(times[base], ts)]
+            out[name] = {"median": statistics.median(per), "min": min(per), "max": max(per), "per_round": per}
+    return out
 
 
 def measure(args, var, vae, log) -> dict:
@@ -176,6 +191,7 @@ def measure(args, var, vae, log) -> dict:
         "tvm_plan_s": med.get("tvm_plan"), "peak_mb": peak,
         "onnxruntime_prepacking": not args.onnx_shared_weights if "onnxruntime" in med else None,
         "speedup_vs_pytorch": {n: med["pytorch"] / med[n] for n in med if n != "pytorch"},
+        "speedup_per_round": round_speedups(times),
         "tvm_dense_vs_onnxruntime": (med["onnxruntime"] / med["tvm_dense"]
                                      if "onnxruntime" in med and "tvm_dense" in med else None),
         "all_median_s": med, "all_s": times,

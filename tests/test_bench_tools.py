@@ -105,6 +105,14 @@ def test_host_bench_times_each_image_after_a_pause_and_an_untimed_image(monkeypa
     assert events == [e for i in range(3) for n in "ab" for e in ("settle", (n, i % 2, i), (n, i % 2, i))]
 
 
+def test_host_bench_gives_the_speed_up_of_each_round():
+    from host.bench import round_speedups
+    r = round_speedups({"pytorch": [10.0, 12.0, 9.0], "tvm": [5.0, 4.0, 4.5], "ort": [10.0, 6.0, 4.5]})
+    assert set(r) == {"tvm", "ort"}
+    assert r["tvm"]["per_round"] == [2.0, 3.0, 2.0] and r["tvm"]["median"] == 2.0
+    assert (r["ort"]["min"], r["ort"]["median"], r["ort"]["max"]) == (1.0, 2.0, 2.0)
+
+
 def test_host_bench_names_an_unknown_engine(tmp_path):
     r = run_cli("host.bench", "--engines", "pytorch,tensorrt", "--out", tmp_path / "b.json")
     assert r.returncode == 2
