@@ -319,6 +319,7 @@ def build(var, vae, plan, target_name: str, batch: int, out, *, device=None, pla
         manifest = {
             "schema": SCHEMA, "version": VERSION, "target": board.name, "device": board.device,
             "tvm_target": board.target, "tvm_host": board.host, "triple": board.triple,
+            "cpu_flags": board.cpu_flags,
             "device_code": gpu_code, "tuning": _shown(db) if db else None, "tvm_version": tvm.__version__, "batch": batch, "model": model_manifest(var, vae),
             "plan": plan.to_json() if plan is not None else None,
             "plan_name": str(plan_path) if plan_path else None,

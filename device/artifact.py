@@ -56,3 +56,20 @@ def write_manifest(artifact_dir, manifest: dict) -> dict:
     manifest = {**manifest, "files": files}
     (d / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def missing_cpu_flags(required, cpuinfo: str | None = None) -> list[str]:
+    """Those of `required` (/proc/cpuinfo flag names) this CPU lacks; none when its flags cannot
+    be read (no /proc/cpuinfo, or one without a flags line: under qemu-user it is the host's)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):    # x86, AArch64
+            have = set(value.split())
+            return [f for f in required if f not in have]
+    return []
+

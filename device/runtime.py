@@ -15,7 +15,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine  # the runtime's VM: boards may have a runtime-only TVM
 
-from device.artifact import ArtifactError, load_manifest
+from device.artifact import ArtifactError, load_manifest, missing_cpu_flags
 from device.sampling import sample_tokens
 
 # 2: caches as separate arguments; 3: and returned by scale_s; 4: cache shape in the manifest
@@ -117,6 +117,11 @@ class CompiledVAR:
             built_for = m.get("triple", "x86_64-linux-gnu").split("-")[0]
             if check_arch and built_for != here:
                 raise ArtifactError(f"{d}: built for {built_for} ({m.get('target')}), this machine is {here}")
+            missing = missing_cpu_flags(m.get("cpu_flags", [])) if check_arch else []
+            if missing:
+                cpu = (m.get("tvm_host") or m.get("tvm_target") or {}).get("mcpu", m.get("target"))
+                raise ArtifactError(f"{d}: built for a CPU with {', '.join(missing)} ({cpu}), which this machine's "
+                                    f"CPU lacks; rebuild it for this machine (compiler.build --target host)")
             self.dev = device or device_of(kind)
             self.kernels = load_gpu_runtime(kind, d, m.get("device_code"))
             self.lib = tvm.runtime.load_module(str(d / m["library"]))

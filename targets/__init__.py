@@ -19,6 +19,13 @@ from device.errors import UserError
 
 HERE = Path(__file__).parent
 ELF_MACHINES = {"aarch64": 183, "x86_64": 62}   # e_machine of the library each triple gives
+# CPU extensions LLVM may use in our kernels (its feature name → the flag /proc/cpuinfo shows):
+# the manifest lists those of the build's target, and the runtime refuses a CPU without one
+CPU_FLAGS = {
+    "x86_64": {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avxvnni": "avx_vnni", "avx512f": "avx512f",
+               "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni"},
+    "aarch64": {"dotprod": "asimddp", "fullfp16": "asimdhp", "i8mm": "i8mm", "sve": "sve"},
+}
 
 
 def known() -> list[str]:
@@ -79,6 +86,15 @@ class Board:
         if self.arch == "aarch64":
             return "sdot" if has("dotprod") else None
         return None
+
+    @property
+    def cpu_flags(self) -> list[str]:
+        """The /proc/cpuinfo flags of the extensions (CPU_FLAGS) the board's CPU target has, so
+        code built for it may use: a CPU without one would stop on an illegal instruction."""
+        from tvm.target import Target, codegen  # noqa: PLC0415
+        target = Target(self.cpu_target)
+        return [flag for feature, flag in CPU_FLAGS.get(self.arch, {}).items()
+                if codegen.target_has_features(feature, target)]
 
     @property
     def elf_machine(self) -> int:

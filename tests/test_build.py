@@ -1,8 +1,9 @@
 """Compiled builds against the PyTorch reference: same greedy tokens, same images; artifact checks."""
+import json
 import os
+import platform
 import subprocess
 import sys
-import json
 
 import numpy as np
 import pytest
@@ -161,6 +162,29 @@ def test_tampered_or_missing_artifact_files_are_refused(dense_artifact, tmp_path
     (art / "model.so").unlink()
     with pytest.raises(ArtifactError, match="model.so: listed in manifest.json but missing"):
         CompiledVAR(art)
+
+
+def test_an_artifact_is_refused_on_a_cpu_without_its_extensions(dense_artifact, tmp_path):
+    """The manifest lists the CPU extensions the build may use (those of its LLVM target); a CPU
+    that lacks one gets a one-line error at load instead of an illegal instruction later."""
+    import shutil
+
+    import targets
+    from device.artifact import missing_cpu_flags
+    m = json.loads((dense_artifact / "manifest.json").read_text())
+    assert m["cpu_flags"] == targets.load("host").cpu_flags and not missing_cpu_flags(m["cpu_flags"])
+    if platform.machine() == "x86_64":
+        assert {"avx2", "fma"} <= set(m["cpu_flags"])
+    art = tmp_path / "a"
+    shutil.copytree(dense_artifact, art)
+    m["cpu_flags"] = m["cpu_flags"] + ["no_such_extension"]
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="built for a CPU with no_such_extension .*lacks; rebuild it"):
+        CompiledVAR(art)
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c\n"
+    assert missing_cpu_flags(["avx2", "avx_vnni", "fma"], x86) == ["avx_vnni"]
+    assert missing_cpu_flags(["asimddp"], "Features\t: fp asimd asimddp asimdhp\n") == []
+    assert missing_cpu_flags(["asimddp"], "processor\t: 0\n") == []     # no flags line: cannot tell
 
 
 def test_device_generate_runs_without_torch(dense_artifact, tmp_path):

@@ -273,6 +273,8 @@ def test_each_cpu_gets_its_integer_dot_product():
                                                                         "mtriple": "x86_64-linux-gnu"})
     assert x86("alderlake").int_dot == "vpdpbusd" and x86("znver4").int_dot == "vpdpbusd"   # AVX-VNNI, AVX512-VNNI
     assert x86("znver2").int_dot == "pmaddwd" and x86("x86-64").int_dot is None              # AVX2 only, SSE only
+    assert "avx_vnni" in x86("alderlake").cpu_flags and "avx512_vnni" in x86("znver4").cpu_flags
+    assert x86("x86-64").cpu_flags == [] and "asimddp" in targets.load("rpi5").cpu_flags
     assert qmatmul.dot_for("vpdpbusd", 64) == "vpdpbusd" and qmatmul.dot_for("vpdpbusd", 6) is None
     assert qmatmul.dot_for("vpdpbusd", 64, 32) == "pmaddwd"     # int4 weights take pmaddwd on VNNI CPUs
     assert qmatmul.dot_for("sdot", 1024) == "sdot" and qmatmul.dot_for("pmaddwd", 7) is None  # odd K: float kernel
