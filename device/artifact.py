@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from pathlib import Path
 
 from device.errors import UserError
@@ -58,18 +59,20 @@ def write_manifest(artifact_dir, manifest: dict) -> dict:
     return manifest
 
 
-def missing_cpu_flags(required, cpuinfo: str | None = None) -> list[str]:
+def missing_cpu_flags(required, cpuinfo: str | None = None, machine: str | None = None) -> list[str]:
     """Those of `required` (/proc/cpuinfo flag names) this CPU lacks; none when its flags cannot
-    be read (no /proc/cpuinfo, or one without a flags line: under qemu-user it is the host's)."""
+    be read: no /proc/cpuinfo, or none of this architecture's (under qemu-user it is the host's)."""
+    key = {"x86_64": "flags", "aarch64": "Features"}.get(machine or platform.machine())
+    if key is None:
+        return []
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return []
     for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):    # x86, AArch64
+        name, _, value = line.partition(":")
+        if name.strip() == key:
             have = set(value.split())
             return [f for f in required if f not in have]
     return []
-

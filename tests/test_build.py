@@ -182,9 +182,11 @@ def test_an_artifact_is_refused_on_a_cpu_without_its_extensions(dense_artifact, 
     with pytest.raises(ArtifactError, match="built for a CPU with no_such_extension .*lacks; rebuild it"):
         CompiledVAR(art)
     x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma f16c\n"
-    assert missing_cpu_flags(["avx2", "avx_vnni", "fma"], x86) == ["avx_vnni"]
-    assert missing_cpu_flags(["asimddp"], "Features\t: fp asimd asimddp asimdhp\n") == []
-    assert missing_cpu_flags(["asimddp"], "processor\t: 0\n") == []     # no flags line: cannot tell
+    assert missing_cpu_flags(["avx2", "avx_vnni", "fma"], x86, "x86_64") == ["avx_vnni"]
+    arm = "processor\t: 0\nFeatures\t: fp asimd asimdhp\n"
+    assert missing_cpu_flags(["asimddp"], arm, "aarch64") == ["asimddp"]
+    assert missing_cpu_flags(["asimddp"], arm.replace("asimdhp", "asimddp asimdhp"), "aarch64") == []
+    assert missing_cpu_flags(["asimddp"], x86, "aarch64") == []   # qemu-user shows the host's: cannot tell
 
 
 def test_device_generate_runs_without_torch(dense_artifact, tmp_path):
