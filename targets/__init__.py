@@ -76,9 +76,7 @@ class Board:
         AVX-VNNI, or AVX512-VNNI and 256-bit AVX-512: Alder Lake, Cascade Lake, Zen 4 and
         later), "pmaddwd" (x86 with AVX2), "sdot" (AArch64 with dotprod: Cortex-A55/A75 and
         later), or None."""
-        from tvm.target import Target, codegen  # noqa: PLC0415
-        target = Target(self.cpu_target)
-        has = lambda *features: all(codegen.target_has_features(f, target) for f in features)  # noqa: E731
+        has = self.has_features
         if self.arch == "x86_64":
             if has("avxvnni") or has("avx512vnni", "avx512vl"):
                 return "vpdpbusd"
@@ -91,10 +89,13 @@ class Board:
     def cpu_flags(self) -> list[str]:
         """The /proc/cpuinfo flags of the extensions (CPU_FLAGS) the board's CPU target has, so
         code built for it may use: a CPU without one would stop on an illegal instruction."""
+        return [flag for feature, flag in CPU_FLAGS.get(self.arch, {}).items() if self.has_features(feature)]
+
+    def has_features(self, *features: str) -> bool:
+        """Whether the board's CPU target (its LLVM CPU name) has every LLVM feature named."""
         from tvm.target import Target, codegen  # noqa: PLC0415
         target = Target(self.cpu_target)
-        return [flag for feature, flag in CPU_FLAGS.get(self.arch, {}).items()
-                if codegen.target_has_features(feature, target)]
+        return all(codegen.target_has_features(f, target) for f in features)
 
     @property
     def elf_machine(self) -> int:
