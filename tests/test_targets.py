@@ -121,6 +121,41 @@ def test_cuda_builds_replay_static_launch_runs_as_cuda_graphs(tiny):
     assert any("attention" in k for k in captured) and any("kv_write" in k for k in captured)
 
 
+def test_gpu_decoder_runs_convs_as_matmuls_and_matches_pytorch(tiny):
+    """GPU builds run every 3×3 and 1×1 convolution as im2col + one matmul (Relax's conv2d reaches
+    DLight as an implicit GEMM that gathers its input element by element) and GroupNorm as sums
+    in two steps (Relax's group_norm is one thread block). The same graph, compiled for this CPU,
+    decodes a batch of 2 as PyTorch does."""
+    import numpy as np
+    import torch
+    import tvm
+    from tvm.relax.frontend import nn
+
+    from compiler.build import lower, pipeline
+    from compiler.lower.vqvae_graph import VQVAEGraph
+    var, vae = tiny
+    names = [gv.name_hint for gv in lower(var, vae, None, 1, "cuda")[0].functions]
+    assert any(n.startswith("im2col") for n in names)
+    assert not any("conv2d" in n or "group_norm" in n for n in names)
+
+    class Decode(nn.Module):
+        def __init__(self):
+            self.g = VQVAEGraph(vae, var.cfg, "cuda")
+
+        def forward(self, f_hat):
+            return self.g.decode(f_hat)
+    P = var.cfg.patch_nums[-1]
+    f_hat = torch.randn(2, vae.quantize.embedding.weight.shape[1], P, P, generator=torch.Generator().manual_seed(0))
+    mod, params = Decode().export_tvm(spec={"forward": {"f_hat": nn.spec.Tensor(list(f_hat.shape), "float32"),
+                                                        "$": {"param_mode": "plain", "effect_mode": "none"}}})
+    cpu = tvm.target.Target("llvm")
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=cpu, relax_pipeline=pipeline(cpu)), tvm.cpu())
+    got = vm["forward"](tvm.runtime.tensor(f_hat.numpy()), *[tvm.runtime.tensor(p.np_value) for _, p in params]).numpy()
+    with torch.no_grad():
+        want = vae.fhat_to_img(f_hat).add(1).mul(0.5).numpy()
+    assert np.abs(got - want).max() < 1e-5
+
+
 def test_cuda_dense_layers_of_few_rows_run_on_the_few_rows_kernels(tiny):
     """The tiny model's scales have at most 2 × 16 rows: its fp32 layers (ffn.fc2 in the plan)
     run on matmul.dense_rows_gpu, its W8A8 layers on qmatmul.dense_w8a8_dp4a_rows, none on

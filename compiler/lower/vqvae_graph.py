@@ -36,22 +36,33 @@ def _resize(h, M):
 class Conv(nn.Module):
     """Conv2d: stride-1 same-padded ones on the CPU through schedules/winograd.py where it pays
     (3×3, from 32² pixels on) and schedules/conv.py elsewhere, both on the same packed weights;
-    everything else, and every conv on a GPU (DLight schedules it), through Relax's conv2d."""
+    on a GPU 1×1 and 3×3 ones as one matmul of the weights by the input's columns
+    (schedules/conv.py: im2col_3x3), which DLight tiles; everything else through Relax's conv2d."""
 
     def __init__(self, conv, gpu: bool):
         self.stride, self.padding = conv.stride[0], conv.padding[0]
         self.shape = tuple(conv.weight.shape)           # Co, Ci, k, k
         Co, Ci, k, _ = self.shape
-        self.relax_conv = gpu or self.stride != 1 or self.padding != k // 2
+        same = self.stride == 1 and self.padding == k // 2
+        self.mode = "relax" if not same or (gpu and k not in (1, 3)) else "gemm" if gpu else "cpu"
         w = conv.weight.detach().float().numpy()
-        self.weight = param(w if self.relax_conv else conv_kernels.pack_weight(w))
-        self.bias = param(conv.bias.float())
+        self.weight = param({"relax": w, "gemm": w.reshape(Co, Ci * k * k), "cpu": conv_kernels.pack_weight(w)}[self.mode])
+        b = conv.bias.detach().float()
+        self.bias = param(b.view(Co, 1) if self.mode == "gemm" else b)   # gemm: added to Co×pixels
 
     def forward(self, x):
         Co, Ci, k, _ = self.shape
-        if self.relax_conv:
+        if self.mode == "relax":
             return op.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
         B, _, H, W = (int(d) for d in x.shape)
+        if self.mode == "gemm":
+            if k == 1:
+                cols = op.reshape(x if B == 1 else op.permute_dims(x, [1, 0, 2, 3]), [Ci, B * H * W])
+            else:
+                cols = op.tensor_ir_op(conv_kernels.im2col_3x3(B, Ci, H, W), "im2col", [x],
+                                       placeholder([Ci * 9, B * H * W]))
+            y = op.add(op.matmul(self.weight, cols), self.bias)
+            return op.reshape(y, [B, Co, H, W]) if B == 1 else op.permute_dims(op.reshape(y, [Co, B, H, W]), [1, 0, 2, 3])
         if winograd.applies(Co, k, self.stride, self.padding, H, W):
             kernel = winograd.conv2d(B, int(Ci), H, W, int(Co))
         else:
@@ -70,11 +81,30 @@ class Norm(nn.Module):
 
     def forward(self, x, silu: bool = False):
         B, C, H, W = (int(d) for d in x.shape)
-        if self.gpu or not norm_kernels.applies(H, W):
+        if self.gpu:
+            h = self._gpu(x)
+            return op.silu(h) if silu else h
+        if not norm_kernels.applies(H, W):
             h = op.group_norm(x, self.groups, self.weight, self.bias, eps=self.eps)
             return op.silu(h) if silu else h
         return op.tensor_ir_op(norm_kernels.group_norm(B, C, H, W, self.groups, self.eps, silu), "group_norm",
                                [x, self.weight, self.bias], placeholder([B, C, H, W]))
+
+    def _gpu(self, x):
+        """Relax's group_norm reaches the GPU as one thread block for all groups (DLight cannot
+        split a group's reduction), so the sums go in two steps: over slices of each group,
+        which DLight spreads over the GPU, then over the slices; the rest is elementwise."""
+        B, C, H, W = (int(d) for d in x.shape)
+        G = self.groups
+        n = C // G * H * W
+        S = next(s for s in (64, 32, 16, 8, 4, 2, 1) if n % s == 0 and (n // s >= 1024 or s == 1))
+        xs = op.reshape(x, [B * G, S, n // S])
+        mean = op.sum(op.sum(xs, axis=2), axis=1) / float(n)
+        var = op.sum(op.sum(op.square(xs), axis=2), axis=1) / float(n) - op.square(mean)
+        std = op.reshape(op.sqrt(var + self.eps), [B, G, 1, 1])
+        h = (op.reshape(x, [B, G, C // G, H * W]) - op.reshape(mean, [B, G, 1, 1])) / std
+        h = h * op.reshape(self.weight, [1, G, C // G, 1]) + op.reshape(self.bias, [1, G, C // G, 1])
+        return op.reshape(h, [B, C, H, W])
 
 
 class ResnetBlock(nn.Module):
