@@ -127,9 +127,9 @@ def dense_fp32(M: int, K: int, O: int, gelu: bool = False, wdtype: str = "float3
 
 
 @lru_cache(maxsize=None)  # one parse and schedule per shape
-def quantize_per_token(M: int, K: int, gpu: bool = False):
+def quantize_per_token(M: int, K: int):
     """x M×K float32 → (int8 M×K, scales M×1): s = max|x|/127 (≥ 1e-12), q = nearbyint(x/s)
-    clamped to ±127 — round half to even, as torch.round."""
+    clamped to ±127 — round half to even, as torch.round. On CPUs; GPUs: quantize_per_token_gpu."""
 
     @T.prim_func(private=True, s_tir=True)
     def quant(x: T.Buffer((T.int64(M), T.int64(K)), "float32"),
@@ -154,14 +154,67 @@ def quantize_per_token(M: int, K: int, gpu: bool = False):
                                                        T.float32(127)), T.float32(-127)))
 
     sch = s_tir.Schedule(quant)
-    if gpu:  # one thread per row for the maximum, one per element for the rounding
-        bind_threads(sch, sch.get_loops(sch.get_sblock("amax"))[0])
-        bind_threads(sch, sch.get_loops(sch.get_sblock("scale"))[0])
-        bind_threads(sch, sch.fuse(*sch.get_loops(sch.get_sblock("round"))))
-    else:
-        for name in ("amax", "round"):
-            sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
+    for name in ("amax", "round"):
+        sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+@lru_cache(maxsize=None)
+def quantize_per_token_gpu(M: int, K: int, bound: bool = True, TX: int | None = None):
+    """quantize_per_token on a GPU, in one kernel: a block of TX threads per row. Each thread takes
+    the maximum of every TX-th input (consecutive threads, consecutive inputs), the block's
+    maxima meet in a tree in shared memory, and the same threads round the row. The first GPU
+    schedule of quantize_per_token gave each row one thread for its maximum and took three
+    kernels: at VAR's first scales two threads scanned 1024–4096 inputs one after another, for
+    each of a block's three W8A8 layers. TX: a power of two (the tree), by default the smallest
+    that covers K, at most 256 (8-bit attention quantizes rows of 64). bound=False: loops serial,
+    for tests on a CPU."""
+    TX = TX or min(256, 1 << (K - 1).bit_length())
+    assert TX & (TX - 1) == 0, "TX must be a power of two (the tree)"
+    i64 = T.int64
+    grid_x, _, thr_x, _, NT, slot, shared = gpu_loops(bound, TX)
+    steps = (K + TX - 1) // TX
+    levels = TX.bit_length() - 1                # the tree's: halves of TX/2, TX/4, …, 1 threads
+
+    @T.macro
+    def barrier():
+        if bound:
+            T.tvm_storage_sync("shared")
+
+    @T.macro
+    def fold(red, half):
+        for t in thr_x(TX):
+            if t < half:
+                red[t] = T.max(red[t], red[t + half])
+        barrier()
+
+    @T.prim_func(private=True, s_tir=True)
+    def quant(x: T.Buffer((i64(M), i64(K)), "float32"), q: T.Buffer((i64(M), i64(K)), "int8"),
+              s: T.Buffer((i64(M), i64(1)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        with T.sblock("root"):        # Relax's analysis of one-input kernels expects a root block
+            for i in grid_x(M):
+                red = T.decl_buffer((TX,), "float32", scope=shared)
+                m = T.decl_buffer((NT,), "float32", scope="local")
+                for t in thr_x(TX):
+                    m[slot(t)] = T.float32(0)
+                    for j in range(steps):
+                        if K % TX == 0 or j * TX + t < K:
+                            m[slot(t)] = T.max(m[slot(t)], T.fabs(x[i, j * TX + t]))
+                    red[t] = m[slot(t)]
+                barrier()
+                for lv in T.unroll(levels):
+                    fold(red, T.shift_right(TX, lv + 1))
+                for t in thr_x(TX):
+                    if t == 0:
+                        s[i, 0] = T.max(red[0] / T.float32(127), T.float32(1e-12))
+                    for j in range(steps):
+                        if K % TX == 0 or j * TX + t < K:
+                            q[i, j * TX + t] = T.Cast("int8", T.max(T.min(T.nearbyint(
+                                x[i, j * TX + t] / T.max(red[0] / T.float32(127), T.float32(1e-12))),
+                                T.float32(127)), T.float32(-127)))
+
+    return quant.with_attr("tirx.is_scheduled", True)
 
 
 @lru_cache(maxsize=None)

@@ -121,6 +121,28 @@ def test_dp4a_w8a8_for_few_rows_is_exact(M, K, O):
     np.testing.assert_array_equal(y, exact)
 
 
+@pytest.mark.parametrize("M,K,TX", [(3, 1000, None), (2, 64, None), (1, 7, 8), (4, 130, 32)])
+def test_gpu_per_token_quantization_is_the_simulations(M, K, TX):
+    """The GPU kernel, loops serial: int8 values and scales bit-equal to the simulation's, with K
+    not a multiple of the block's threads and a value exactly half-way between two steps."""
+    x = np.random.default_rng(K).standard_normal((M, K)).astype(np.float32)
+    x[0, :2] = (127.0, 2.5)                          # s = 1: the second is half-way, rounds to even (2)
+    xq, sx = run(matmul.quantize_per_token_gpu(M, K, bound=False, TX=TX), x,
+                 out=[((M, K), "int8"), ((M, 1), "float32")])
+    ref_q, ref_s = quantize_per_token_int8(torch.from_numpy(x))
+    np.testing.assert_array_equal(xq, ref_q.numpy())
+    np.testing.assert_array_equal(sx, ref_s.numpy())
+
+
+def test_gpu_per_token_quantization_is_one_kernel_with_a_block_per_row():
+    import targets
+    f = matmul.quantize_per_token_gpu(2, 4096)
+    ex = tvm.compile(tvm.IRModule({"f": f.with_attr("global_symbol", "f")}),
+                     target=targets.load("jetson-orin").tvm_target())
+    src = ex.mod.imports[0].inspect_source("")
+    assert src.count("__global__") == 2 and "__launch_bounds__(256)" in src and "__syncthreads()" in src  # declared, defined
+
+
 def test_dp4a_w8a8_for_few_rows_compiles_for_orin_on_dp4a():
     import re
 

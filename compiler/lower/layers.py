@@ -124,6 +124,9 @@ class Dense(nn.Module):
             kernel = qmatmul.dense_w8a8_dp4a_rows(M, K, O) if few else qmatmul.dense_w8a8_dp4a(M, K, O)
             y = op.tensor_ir_op(kernel, "dense_w8a8_dp4a_rows" if few else "dense_w8a8_dp4a",
                                 [xq, sx, self.wp, self.sw], placeholder([M, O]))
+            # the kernel is opaque, so its last multiply cannot meet the add in one FMA (below):
+            # the add fuses with what follows (GELU, the residual), one kernel fewer a layer
+            return op.add(y, self.b)
         else:   # OpenCL: an int8 matmul for DLight
             acc = op.matmul(xq, self.wp, out_dtype="int32")
             y = op.multiply(op.multiply(op.astype(acc, "float32"), sx), self.sw)
@@ -162,6 +165,7 @@ def gelu_tanh(x):
 
 
 def quantize(x2, M, K, gpu):
-    """Per-token int8 activations and their scales (the kernel of schedules/matmul.py)."""
-    return op.tensor_ir_op(matmul.quantize_per_token(M, K, gpu), "quantize_per_token", [x2],
+    """Per-token int8 activations and their scales (the kernels of schedules/matmul.py)."""
+    kernel = matmul.quantize_per_token_gpu(M, K) if gpu else matmul.quantize_per_token(M, K)
+    return op.tensor_ir_op(kernel, "quantize_per_token", [x2],
                            [placeholder([M, K], "int8"), placeholder([M, 1])])
