@@ -190,3 +190,26 @@ def test_gpu_bench_builds_every_kernel(tmp_path):
     libs = {p.name for p in (tmp_path / "g").glob("*.so")}
     assert len(libs) == 9 + 6 * len(gpu_bench.ATTN_KERNELS) and "attn_tiled_w4.so" in libs
     assert (tmp_path / "g" / "shapes.json").is_file()
+
+
+def test_gpu_side_by_side_bench_runs_on_the_cpu_without_a_gpu(tmp_path, tiny_ckpts):
+    """host.bench_gpu without a GPU: PyTorch and a host build of the same checkpoint take turns,
+    the build's image equals PyTorch's, and an artifact of another model is refused in one line."""
+    from dataclasses import replace
+
+    from compiler.build import build
+    from compiler.checkpoint import load_models
+    from conftest import TINY_VAR, tiny_models
+    pv, pe = tiny_ckpts
+    var, vae = load_models(pv, pe)
+    art = build(var, vae, None, "host", 1, tmp_path / "tiny-dense", log=lambda s: None)
+    r = run_cli("host.bench_gpu", "--var", pv, "--vae", pe, "--artifact", art, "-n", "2", "--out", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert set(res["median_ms"]) == {"pytorch", "tiny-dense"} and len(res["all_s"]["tiny-dense"]) == 2
+    assert res["image_max_diff_vs_pytorch"]["tiny-dense"] < 1e-5 and res["speedup_vs_pytorch"]["tiny-dense"] > 0
+    assert {"fp32", "tf32"} == set(res["pytorch_decoder_ms"])
+    other = build(*tiny_models(var_cfg=replace(TINY_VAR, depth=1)), None, "host", 1, tmp_path / "other",
+                  log=lambda s: None)
+    r = run_cli("host.bench_gpu", "--var", pv, "--vae", pe, "--artifact", other, "-n", "1")
+    assert r.returncode != 0 and "built for depth 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
