@@ -79,25 +79,27 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int, k: int):
 
 
 @lru_cache(maxsize=None)
-def im2col_3x3(B: int, C: int, H: int, W: int):
-    """x B×C×H×W → the columns of a 3×3, stride-1, zero-padded convolution, (C·9)×(B·H·W): row
-    c·9 + 3·i + j holds channel c shifted by (i − 1, j − 1). GPU builds multiply the weights
-    (Co × C·9) by them in one plain matmul, which DLight's matmul rule tiles well. Left to Relax,
-    a conv2d reaches that rule as an implicit GEMM that gathers its input through /9 and %3 per
-    element into 16-deep tiles: d16's decoder then took 278 ms of a 339 ms image on an H200.
+def im2col_3x3(C: int, H: int, W: int, r0: int = 0, rows: int | None = None):
+    """One image x 1×C×H×W → the columns of a 3×3, stride-1, zero-padded convolution for output
+    rows r0 … r0 + rows − 1, (C·9)×(rows·W): row c·9 + 3·i + j holds channel c shifted by
+    (i − 1, j − 1). GPU builds multiply the weights (Co × C·9) by them in one plain matmul, which
+    DLight's matmul rule tiles well. Left to Relax, a conv2d reaches that rule as an implicit GEMM
+    that gathers its input through /9 and %3 per element into 16-deep tiles: d16's decoder then
+    took 278 ms of a 339 ms image on an H200.
 
     Unscheduled (DLight binds its loops), but opaque (op_pattern 8) so that FuseOps cannot fold it
     back into the matmul."""
     from tvm import te, tirx
+    rows = H - r0 if rows is None else rows
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731  (Relax's shapes are int64)
-    x = te.placeholder((i64(B), i64(C), i64(H), i64(W)), "float32", name="x")
+    x = te.placeholder((i64(1), i64(C), i64(H), i64(W)), "float32", name="x")
 
     def column(r, n):
-        c, t, b, p = r // 9, r % 9, n // (H * W), n % (H * W)
-        h, w = p // W + t // 3 - 1, p % W + t % 3 - 1
+        c, t = r // 9, r % 9
+        h, w = r0 + n // W + t // 3 - 1, n % W + t % 3 - 1
         inside = te.all(h >= 0, h < H, w >= 0, w < W)
-        return te.if_then_else(inside, x[b, c, te.max(te.min(h, H - 1), 0), te.max(te.min(w, W - 1), 0)],
+        return te.if_then_else(inside, x[0, c, te.max(te.min(h, H - 1), 0), te.max(te.min(w, W - 1), 0)],
                                tirx.const(0.0, "float32"))
 
-    col = te.compute((i64(C * 9), i64(B * H * W)), column, name="im2col")
+    col = te.compute((i64(C * 9), i64(rows * W)), column, name="im2col")
     return te.create_prim_func([x, col]).without_attr("global_symbol").with_attr("op_pattern", 8)

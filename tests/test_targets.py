@@ -121,18 +121,21 @@ def test_cuda_builds_replay_static_launch_runs_as_cuda_graphs(tiny):
     assert any("attention" in k for k in captured) and any("kv_write" in k for k in captured)
 
 
-def test_gpu_decoder_runs_convs_as_matmuls_and_matches_pytorch(tiny):
+@pytest.mark.parametrize("band_bytes", [64 << 20, 1])
+def test_gpu_decoder_runs_convs_as_matmuls_and_matches_pytorch(tiny, band_bytes, monkeypatch):
     """GPU builds run every 3×3 and 1×1 convolution as im2col + one matmul (Relax's conv2d reaches
     DLight as an implicit GEMM that gathers its input element by element) and GroupNorm as sums
     in two steps (Relax's group_norm is one thread block). The same graph, compiled for this CPU,
-    decodes a batch of 2 as PyTorch does."""
+    decodes a batch of 2 as PyTorch does, also with the columns taken one row at a time."""
     import numpy as np
     import torch
     import tvm
     from tvm.relax.frontend import nn
 
     from compiler.build import lower, pipeline
+    from compiler.lower import vqvae_graph
     from compiler.lower.vqvae_graph import VQVAEGraph
+    monkeypatch.setattr(vqvae_graph, "BAND_BYTES", band_bytes)
     var, vae = tiny
     names = [gv.name_hint for gv in lower(var, vae, None, 1, "cuda")[0].functions]
     assert any(n.startswith("im2col") for n in names)

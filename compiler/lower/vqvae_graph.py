@@ -33,6 +33,10 @@ def _resize(h, M):
     return op.matmul(op.matmul(M, h), op.permute_dims(M, [1, 0]))
 
 
+BAND_BYTES = 64 << 20   # a GPU convolution's columns at once: the whole 160-channel 256² image's
+                        # took 377 MB, and the memory plan held three such buffers (1.09 GB at d16)
+
+
 class Conv(nn.Module):
     """Conv2d: stride-1 same-padded ones on the CPU through schedules/winograd.py where it pays
     (3×3, from 32² pixels on) and schedules/conv.py elsewhere, both on the same packed weights;
@@ -55,20 +59,27 @@ class Conv(nn.Module):
         if self.mode == "relax":
             return op.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
         B, _, H, W = (int(d) for d in x.shape)
-        if self.mode == "gemm":
-            if k == 1:
-                cols = op.reshape(x if B == 1 else op.permute_dims(x, [1, 0, 2, 3]), [Ci, B * H * W])
-            else:
-                cols = op.tensor_ir_op(conv_kernels.im2col_3x3(B, Ci, H, W), "im2col", [x],
-                                       placeholder([Ci * 9, B * H * W]))
-            y = op.add(op.matmul(self.weight, cols), self.bias)
-            return op.reshape(y, [B, Co, H, W]) if B == 1 else op.permute_dims(op.reshape(y, [Co, B, H, W]), [1, 0, 2, 3])
+        if self.mode == "gemm":   # image by image, so that the columns do not grow with the batch
+            return self._gemm(x) if B == 1 else op.concat([self._gemm(xb) for xb in op.split(x, B, axis=0)], dim=0)
         if winograd.applies(Co, k, self.stride, self.padding, H, W):
             kernel = winograd.conv2d(B, int(Ci), H, W, int(Co))
         else:
             kernel = conv_kernels.conv2d(B, int(Ci), H, W, int(Co), int(k))
         return op.tensor_ir_op(kernel, "conv2d",
                                [x, self.weight, self.bias], placeholder([B, int(Co), H, W]))
+
+    def _gemm(self, x):
+        """One image on a GPU: weights (Co × Ci·k·k) · the image's columns + bias, for bands of
+        output rows whose columns take at most BAND_BYTES."""
+        Co, Ci, k, _ = self.shape
+        _, _, H, W = (int(d) for d in x.shape)
+        if k == 1:
+            return op.reshape(op.add(op.matmul(self.weight, op.reshape(x, [Ci, H * W])), self.bias), [1, Co, H, W])
+        rows = max([r for r in range(1, H + 1) if H % r == 0 and Ci * 9 * r * W * 4 <= BAND_BYTES] or [1])
+        bands = [op.add(op.matmul(self.weight, op.tensor_ir_op(conv_kernels.im2col_3x3(Ci, H, W, r0, rows), "im2col",
+                                                               [x], placeholder([Ci * 9, rows * W]))), self.bias)
+                 for r0 in range(0, H, rows)]
+        return op.reshape(bands[0] if len(bands) == 1 else op.concat(bands, dim=1), [1, Co, H, W])
 
 
 class Norm(nn.Module):
