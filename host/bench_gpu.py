@@ -43,17 +43,22 @@ def rounds(engines: dict, images: int, classes: int, sync, log=print) -> dict:
     return times
 
 
+def greedy_f_hat(var, vae, c: int, dev):
+    """f̂ of one greedy image of class c (CFG 4), computed on `dev` by the reference model."""
+    import torch
+
+    from compiler.sampler import autoregress
+    with torch.no_grad(), torch.device(dev):
+        return autoregress(var, vae, [c], lambda si, logits: logits.argmax(-1), cfg=4.0)[1]
+
+
 def torch_engine(var, vae, dev):
     """A function generating one greedy image of class c on `dev`, synchronised."""
     import torch
 
-    from compiler.sampler import autoregress
-
     @torch.no_grad()
     def run(c):
-        with torch.device(dev):
-            _, f_hat, _ = autoregress(var, vae, [c], lambda si, logits: logits.argmax(-1), cfg=4.0)
-            return vae.fhat_to_img(f_hat).add_(1).mul_(0.5).cpu().numpy()
+        return vae.fhat_to_img(greedy_f_hat(var, vae, c, dev)).add_(1).mul_(0.5).cpu().numpy()
     return run
 
 
@@ -70,11 +75,9 @@ def artifact_engine(path: str, cfg):
 def decoder_ms(var, vae, dev, sync, repeats: int = 10) -> dict:
     """PyTorch's decoder alone on one f̂, ms (median), cuDNN's TF32 on and off."""
     import torch
-
-    from compiler.sampler import autoregress
     out = {}
-    with torch.no_grad(), torch.device(dev):
-        _, f_hat, _ = autoregress(var, vae, [0], lambda si, logits: logits.argmax(-1), cfg=4.0)
+    f_hat = greedy_f_hat(var, vae, 0, dev)
+    with torch.no_grad():
         for tf32 in (True, False):
             torch.backends.cudnn.allow_tf32 = tf32
             ts = []

@@ -219,9 +219,10 @@ def quantize_per_token_gpu(M: int, K: int, bound: bool = True, TX: int | None = 
 
 @lru_cache(maxsize=None)
 def add_bias_gpu(M: int, O: int):
-    """y + b in a kernel of its own (opaque to FuseOps): fused into the W8A8 epilogue, the add
-    would be contracted with the last scale multiply into one FMA by nvcc and differ from the
-    simulation's y·s_w + b in the last bit, which flips int8 roundings downstream."""
+    """y + b in a kernel of its own (opaque to FuseOps), after the W8A8 matmul DLight schedules
+    (OpenCL): fused into its epilogue, the add would be contracted with the last scale multiply
+    into one FMA and differ from the simulation's y·s_w + b in the last bit, which flips int8
+    roundings downstream. CUDA's dp4a kernels are opaque themselves, so their add fuses onward."""
 
     @T.prim_func(private=True, s_tir=True)
     def add_bias(y: T.Buffer((T.int64(M), T.int64(O)), "float32"), b: T.Buffer((T.int64(O),), "float32"),
