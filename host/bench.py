@@ -143,16 +143,18 @@ def main(argv=None):
               f"({result['pytorch_s'] / result['all_median_s'][name]:.2f}x PyTorch{spread})")
 
 
-def timed_images(engines: dict, images: int, classes: int, log=print) -> dict:
+def timed_images(engines: dict, images: int, classes: int, log=print, quiet_cores: bool = True) -> dict:
     """name → seconds of each of `images` images, engines interleaved (A, B, C, A, …). Each is
     timed in the engine's steady state: after a pause in which the last engine's threads stop
     spinning (device.cores.settle) and an untimed image of its own that wakes its threads
-    (PyTorch's first call after a pause took up to 3× its time)."""
+    (PyTorch's first call after a pause took up to 3× its time). quiet_cores=False: neither, for
+    engines that leave no CPU threads spinning (GPU engines, whose calls return synchronised)."""
     times = {name: [] for name in engines}
     for i in range(images):
         for name, run in engines.items():
-            settle()
-            run(i % classes, i)
+            if quiet_cores:
+                settle()
+                run(i % classes, i)
             t0 = time.perf_counter()
             run(i % classes, i)
             times[name].append(time.perf_counter() - t0)

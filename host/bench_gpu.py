@@ -6,7 +6,8 @@
 Per image: batch 1, CFG 4, greedy (top-k 1, so no sampler in the timing), decoder included.
 PyTorch runs the reference model (compiler/model) in fp32 with cuDNN's TF32 convolutions off,
 as every artifact computes in fp32; each artifact runs through device.runtime. The engines take
-turns image by image, so each ratio is also given round by round.
+turns image by image (host.bench.timed_images, without its pauses: no engine leaves CPU
+threads spinning), so each ratio is also given round by round.
 Also reported: each artifact's first image against PyTorch's (class 0: the greatest pixel
 difference, about 1e-6 for a dense build of the same checkpoint, whose greedy tokens are the
 same), the GPU memory each engine holds once loaded and after one image, and PyTorch's
@@ -24,23 +25,7 @@ from pathlib import Path
 from compiler.cliargs import add_model_args
 from device.errors import UserError, cli
 from device.fileio import atomic_path, ensure_writable_dir
-from host.bench import round_speedups
-
-
-def rounds(engines: dict, images: int, classes: int, sync, log=print) -> dict:
-    """name → seconds of each of `images` images, the engines taking turns (A, B, C, A, …), each
-    image timed from a synchronised GPU to a synchronised GPU. No pause between engines, unlike
-    host.bench.timed_images: on a GPU no engine leaves CPU threads spinning for the next."""
-    times = {name: [] for name in engines}
-    for i in range(images):
-        for name, run in engines.items():
-            sync()
-            t0 = time.perf_counter()
-            run(i % classes)
-            sync()
-            times[name].append(time.perf_counter() - t0)
-            log(f"image {i + 1}/{images} {name}: {1e3 * times[name][-1]:.1f} ms")
-    return times
+from host.bench import round_speedups, timed_images
 
 
 def greedy_f_hat(var, vae, c: int, dev):
@@ -57,7 +42,7 @@ def torch_engine(var, vae, dev):
     import torch
 
     @torch.no_grad()
-    def run(c):
+    def run(c, _seed=0):
         return vae.fhat_to_img(greedy_f_hat(var, vae, c, dev)).add_(1).mul_(0.5).cpu().numpy()
     return run
 
@@ -69,7 +54,7 @@ def artifact_engine(path: str, cfg):
     if (m.get("depth"), m.get("width")) != (cfg.depth, cfg.width):
         raise UserError(f"{path}: built for depth {m.get('depth')}, width {m.get('width')}; the PyTorch "
                         f"model has depth {cfg.depth}, width {cfg.width} (pass its --var/--vae or --model)")
-    return lambda c: model.generate([c], cfg=4.0, top_k=1, top_p=0.0)[1]
+    return lambda c, _seed=0: model.generate([c], cfg=4.0, top_k=1, top_p=0.0)[1]
 
 
 def decoder_ms(var, vae, dev, sync, repeats: int = 10) -> dict:
@@ -117,7 +102,8 @@ def measure(var, vae, artifacts: list[str], images: int, log=print) -> dict:
         engines[name] = artifact_engine(path, var.cfg)
         diff[name] = float(abs(engines[name](0) - reference).max())   # same greedy tokens: ~1e-6
         memory[name] = held_mb() - before
-    times = rounds(engines, images, var.cfg.num_classes, sync, log)
+    # each engine returns its image on the host, so every call ends synchronised
+    times = timed_images(engines, images, var.cfg.num_classes, log, quiet_cores=False)
     med = {name: statistics.median(t) for name, t in times.items()}
     return {"device": torch.cuda.get_device_name() if gpu else "cpu", "images": images, "batch": 1, "cfg": 4.0,
             "top_k": 1, "median_ms": {n: 1e3 * t for n, t in med.items()},
