@@ -14,6 +14,7 @@ Timings under emulation say nothing about a real board.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import subprocess
@@ -48,6 +49,16 @@ def prepare(cache: Path = CACHE, log=print) -> Path:
     python = cache / "python3"
     if python.exists():
         return python
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # two emulators started at once (two test workers, two shells) prepare it one after the other
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not python.exists():
+            _prepare(cache, python, log)
+    return python
+
+
+def _prepare(cache: Path, python: Path, log) -> None:
     log(f"preparing an aarch64 root in {cache} (once)")
     tmp = cache.with_name(cache.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -78,7 +89,6 @@ def prepare(cache: Path = CACHE, log=print) -> Path:
     shutil.rmtree(tmp / "apt")
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)
-    return python
 
 
 def serve(port: int, tracker: str | None = None, key: str = "arm64-cpu", cache: Path = CACHE, log=print,
