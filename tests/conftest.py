@@ -49,6 +49,22 @@ def tiny_ckpts(tmp_path):
     return pv, pe
 
 
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory):
+    """tiny_build(target): the dense batch-1 build of tiny_models() for `target`, made once per
+    test session (per worker under pytest -n) and shared by the tests that only read it."""
+    from compiler.build import build
+    made = {}
+
+    def get(target: str = "host") -> Path:
+        if target not in made:
+            var, vae = tiny_models()
+            made[target] = build(var, vae, None, target, 1, tmp_path_factory.mktemp("tiny") / target,
+                                 log=lambda s: None)
+        return made[target]
+    return get
+
+
 def serve(*args, port, log=None):
     """Start a TVM RPC process (`tvm.exec.rpc_server` or `tvm.exec.rpc_tracker`, then its own
     options) on loopback and wait until it accepts connections; its output goes to `log` (a

@@ -192,7 +192,7 @@ def test_gpu_bench_builds_every_kernel(tmp_path):
     assert (tmp_path / "g" / "shapes.json").is_file()
 
 
-def test_gpu_side_by_side_bench_runs_on_the_cpu_without_a_gpu(tmp_path, tiny_ckpts):
+def test_gpu_side_by_side_bench_runs_on_the_cpu_without_a_gpu(tmp_path, tiny_ckpts, tiny_build):
     """host.bench_gpu without a GPU: PyTorch and a host build of the same checkpoint take turns,
     the build's image equals PyTorch's, and an artifact of another model is refused in one line."""
     from dataclasses import replace
@@ -202,12 +202,12 @@ def test_gpu_side_by_side_bench_runs_on_the_cpu_without_a_gpu(tmp_path, tiny_ckp
     from conftest import TINY_VAR, tiny_models
     pv, pe = tiny_ckpts
     var, vae = load_models(pv, pe)
-    art = build(var, vae, None, "host", 1, tmp_path / "tiny-dense", log=lambda s: None)
+    art = tiny_build("host")     # the same weights as the checkpoint files
     r = run_cli("host.bench_gpu", "--var", pv, "--vae", pe, "--artifact", art, "-n", "2", "--out", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "b.json").read_text())
-    assert set(res["median_ms"]) == {"pytorch", "tiny-dense"} and len(res["all_s"]["tiny-dense"]) == 2
-    assert res["image_max_diff_vs_pytorch"]["tiny-dense"] < 1e-5 and res["speedup_vs_pytorch"]["tiny-dense"] > 0
+    assert set(res["median_ms"]) == {"pytorch", art.name} and len(res["all_s"][art.name]) == 2
+    assert res["image_max_diff_vs_pytorch"][art.name] < 1e-5 and res["speedup_vs_pytorch"][art.name] > 0
     assert {"fp32", "tf32"} == set(res["pytorch_decoder_ms"])
     other = build(*tiny_models(var_cfg=replace(TINY_VAR, depth=1)), None, "host", 1, tmp_path / "other",
                   log=lambda s: None)

@@ -13,9 +13,8 @@ from host.net import stop_group as stop
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    var, vae = tiny_models()
-    return build(var, vae, None, "host", 1, tmp_path_factory.mktemp("d") / "art", log=lambda s: None)
+def artifact(tiny_build):
+    return tiny_build("host")
 
 
 @pytest.fixture(scope="module")

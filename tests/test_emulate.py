@@ -6,8 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from compiler.build import build
-from conftest import run_cli, tiny_models
+from conftest import run_cli
 from device.runtime import CompiledVAR
 from host.net import free_port
 
@@ -16,11 +15,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs qemu-user-static and g++-aarch64-linux-gnu")
 
 
-def test_arm64_build_runs_on_the_emulated_board(tmp_path):
+def test_arm64_build_runs_on_the_emulated_board(tiny_build, tmp_path):
     from host.emulate import serve, stop
-    var, vae = tiny_models()
-    arm = build(var, vae, None, "arm64-cpu", 1, tmp_path / "arm", log=lambda s: None)
-    host = build(var, vae, None, "host", 1, tmp_path / "host", log=lambda s: None)
+    arm, host = tiny_build("arm64-cpu"), tiny_build("host")
     labels = [0, 1, 2, 3, 4]   # every class of the tiny model
     toks = np.concatenate([CompiledVAR(host).generate([c], cfg=4.0, top_k=1, top_p=0.0)[0] for c in labels])
     np.savez(tmp_path / "expect.npz", tokens=toks, labels=np.array(labels))

@@ -9,8 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from compiler.build import build
-from conftest import run_cli, tiny_models
+from conftest import run_cli
 from host.net import free_port, stop_group, wait_listening
 
 SSHD = "/usr/sbin/sshd"
@@ -44,10 +43,9 @@ def sshd(tmp_path_factory):
     stop_group(p)
 
 
-def test_unknown_host_key_is_refused(sshd, tmp_path):
+def test_unknown_host_key_is_refused(sshd, tiny_build):
     port, key, d = sshd
-    var, vae = tiny_models()
-    art = build(var, vae, None, "host", 1, tmp_path / "a", log=lambda s: None)
+    art = tiny_build("host")
     r = run_cli("host.deploy", "--artifact", art, "--ssh", f"{getpass.getuser()}@127.0.0.1:{port}",
                 "--ssh-key", key, "--known-hosts", d / "empty_known_hosts", "--timeout", "10")
     assert r.returncode == 2 and "unknown host key" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -55,16 +53,14 @@ def test_unknown_host_key_is_refused(sshd, tmp_path):
 
 @pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None or shutil.which("aarch64-linux-gnu-g++") is None,
                     reason="needs qemu-user-static and g++-aarch64-linux-gnu")
-def test_deploy_over_ssh_to_the_emulated_board(sshd, tmp_path):
+def test_deploy_over_ssh_to_the_emulated_board(sshd, tiny_build, tmp_path):
     """Known host key and key auth; runtime files copied; TVM's rpc_server started on the board's
     loopback, reached through the tunnel, a greedy generation there equal to the host build's,
     and the server stopped afterwards."""
     from device.runtime import CompiledVAR
     from host.emulate import prepare
     port, key, d = sshd
-    var, vae = tiny_models()
-    arm = build(var, vae, None, "arm64-cpu", 1, tmp_path / "arm", log=lambda s: None)
-    host = build(var, vae, None, "host", 1, tmp_path / "host", log=lambda s: None)
+    arm, host = tiny_build("arm64-cpu"), tiny_build("host")
     toks, _ = CompiledVAR(host).generate([4], cfg=4.0, top_k=1, top_p=0.0)
     np.savez(tmp_path / "expect.npz", tokens=toks, labels=np.array([4]))
     r = run_cli("host.deploy", "--artifact", arm, "--ssh", f"{getpass.getuser()}@127.0.0.1:{port}",
@@ -74,5 +70,22 @@ def test_deploy_over_ssh_to_the_emulated_board(sshd, tmp_path):
     assert "100.00 % equal" in r.stdout
     assert os.path.isfile(os.path.expanduser("~/litevar-edge/device/runtime.py"))
     time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", "tvm.exec.rpc_server|host.ssh --tunnel"], capture_output=True, text=True)
-    assert not left.stdout.split()
+    assert not leftovers()
+
+
+def leftovers() -> list[str]:
+    """The tunnel and the board's rpc_server, if either still runs. The board's server is the one
+    whose working directory is the runtime folder on the board: other tests may run RPC servers
+    of their own at the same time (pytest -n)."""
+    board_dir = os.path.realpath(os.path.expanduser("~/litevar-edge"))
+    left = []
+    for pid in subprocess.run(["pgrep", "-f", "tvm.exec.rpc_server|host.ssh --tunnel"], capture_output=True,
+                              text=True).stdout.split():
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue   # ended meanwhile
+        if "host.ssh --tunnel" in cmd or cwd == board_dir:
+            left.append(f"{pid}: {cmd}")
+    return left
