@@ -74,12 +74,12 @@ class Dense(nn.Module):
         if self.gpu:
             y = self._forward_gpu(x2, M, K, gelu)
         else:
-            Mp = padded_rows(M, self.scheme)
+            Mp = padded_rows(M)
             y = unpad_rows(self.rows(pad_rows(x2, Mp), Mp, gelu), M)
         return op.reshape(y, lead + [O])
 
     def rows(self, x2, M, gelu: bool = False):
-        """The CPU kernel on x2 M×K, M already padded_rows(…, scheme) → M×O."""
+        """The CPU kernel on x2 M×K, M already padded_rows(…) → M×O."""
         O = self.out_features
         if self.scheme in ("fp32", "fp16"):
             kernel = matmul.dense_fp32(M, self.in_features, O, gelu, "float16" if self.scheme == "fp16" else "float32")
@@ -133,18 +133,13 @@ class Dense(nn.Module):
         return op.tensor_ir_op(matmul.add_bias_gpu(M, O), "add_bias", [y, self.b], placeholder([M, O]))
 
 
-def padded_rows(M: int, scheme: str = "fp32") -> int:
-    """Rows the CPU kernels run, from 64 rows on: M rounded up to a multiple of 6 for fp32 (its
-    best register tile; 512 → 516 rows), to a multiple of 4 for the integer kernels when M has no
-    divisor among their row tiles but 2 (d16's scale 8 has 2·13² = 338 tokens: tiles of 2 rows
-    ran it at two thirds of the speed of 4). The padding copies cost far less than the tiles save.
-    Both tile sets hold 6, 5, 4 and 3, so either padding has a tile of 3 rows or more in both
-    kernels: layers that share their rows (fc1 → fc2) take the larger."""
-    if M < 64:
-        return M
-    if scheme in ("fp32", "fp16"):
-        return (M + 5) // 6 * 6
-    return M if matmul.row_tile(M) >= 3 else (M + 3) // 4 * 4
+def padded_rows(M: int) -> int:
+    """Rows the CPU kernels run, from 64 rows on: M rounded up to a multiple of 6, the best
+    register tile of every CPU dense kernel (512 → 516 rows; d16's scale 8 has 2·13² = 338 tokens,
+    which only tiles of 2 rows divide, at two thirds of the speed of 4). The padding copies cost
+    far less than the tiles save, and layers that share their rows (fc1 → fc2) pad alike whatever
+    their schemes."""
+    return M if M < 64 else (M + 5) // 6 * 6
 
 
 def pad_rows(x2, Mp: int):

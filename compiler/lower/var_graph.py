@@ -105,9 +105,8 @@ class FFN(nn.Module):
         M = NB * n
         if self.gpu:
             return self.fc2(self.fc1(x, gelu=True))
-        # on the CPU, both layers run on the same padded rows: one pad, one cut (the larger of the
-        # two paddings has a good row tile for both kernels: see padded_rows)
-        Mp = max(padded_rows(M, self.fc1.scheme), padded_rows(M, self.fc2.scheme))
+        # on the CPU, both layers run on the same padded rows: one pad, one cut
+        Mp = padded_rows(M)
         h = self.fc1.rows(pad_rows(op.reshape(x, [M, C]), Mp), Mp, gelu=True)
         return op.reshape(unpad_rows(self.fc2.rows(h, Mp), M), [NB, n, C])
 
