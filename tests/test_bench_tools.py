@@ -198,10 +198,8 @@ def test_gpu_side_by_side_bench_runs_on_the_cpu_without_a_gpu(tmp_path, tiny_ckp
     from dataclasses import replace
 
     from compiler.build import build
-    from compiler.checkpoint import load_models
     from conftest import TINY_VAR, tiny_models
     pv, pe = tiny_ckpts
-    var, vae = load_models(pv, pe)
     art = tiny_build("host")     # the same weights as the checkpoint files
     r = run_cli("host.bench_gpu", "--var", pv, "--vae", pe, "--artifact", art, "-n", "2", "--out", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
