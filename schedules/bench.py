@@ -202,22 +202,21 @@ def dense_engines(M: int, K: int, O: int, group: int = 64) -> dict:
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = (rng.standard_normal((O, K)) / np.sqrt(K)).astype(np.float32)
     b = np.zeros(O, np.float32)
-    y = tvm.runtime.empty((M, O), "float32", tvm.cpu())
-    xq_t = tvm.runtime.empty((M, K), "int8", tvm.cpu())
-    sx_t = tvm.runtime.empty((M, 1), "float32", tvm.cpu())
-    quant = compile_kernel(matmul.quantize_per_token(M, K))
+    Mp = padded_rows(M)    # what a compiled Dense layer runs: rows padded to its best tile, in every scheme
+    y = tvm.runtime.empty((Mp, O), "float32", tvm.cpu())
+    xq_t = tvm.runtime.empty((Mp, K), "int8", tvm.cpu())
+    sx_t = tvm.runtime.empty((Mp, 1), "float32", tvm.cpu())
+    quant = compile_kernel(matmul.quantize_per_token(Mp, K))
     engines = {}
-    Mp = padded_rows(M)    # what a compiled Dense layer runs: rows padded to its best tile
     fp32 = compile_kernel(matmul.dense_fp32(Mp, K, O))
-    args = tensors(np.pad(x, ((0, Mp - M), (0, 0))), matmul.pack_weight(w), b)
-    y_fp32 = tvm.runtime.empty((Mp, O), "float32", tvm.cpu())
-    engines["tvm fp32"] = lambda: fp32(*args, y_fp32)
-    x_t, none = tensors(x, np.zeros((1, 1), np.float32))
+    x_t, none = tensors(np.pad(x, ((0, Mp - M), (0, 0))), np.zeros((1, 1), np.float32))
+    args = tensors(matmul.pack_weight(w), b)
+    engines["tvm fp32"] = lambda: fp32(x_t, *args, y)
     for scheme in (W8A8(), W4A16(group), W4A8(group)):
         packed = {k: v.numpy() for k, v in scheme.pack(torch.from_numpy(w)).items()}
         dot = qmatmul.cpu_dot(targets.load("host").int_dot, scheme.name, K, scheme.group)  # as compiler.build here
         wp, ws = qmatmul.pack_cpu(scheme.name, packed["qweight"], packed["scales"], dot)
-        kernel = compile_kernel(qmatmul.cpu_kernel(M, K, O, scheme.name, scheme.group, dot))
+        kernel = compile_kernel(qmatmul.cpu_kernel(Mp, K, O, scheme.name, scheme.group, dot))
         wargs = tensors(wp, ws, b)
         if scheme.name == "w4a16":
             engines[f"tvm {scheme.name}"] = lambda k=kernel, a=wargs: k(x_t, none, *a, y)
