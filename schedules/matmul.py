@@ -28,10 +28,10 @@ ROW_TILES = (6, 4, 5, 3, 2)   # 6×16 outputs: 12 AVX2 accumulators hide the FMA
                               # (W8A8 1.0–1.2×, W4A8 1.0–1.05×, W4A16 1.1× at 512 rows)
 
 
-def row_tile(M: int, tiles=ROW_TILES) -> int:
-    """Rows per register tile: the first of `tiles` dividing M (a ragged tile would add
+def row_tile(M: int) -> int:
+    """Rows per register tile: the first of ROW_TILES dividing M (a ragged tile would add
     predicates to the innermost loop)."""
-    return next((m for m in tiles if M % m == 0), 1)
+    return next((m for m in ROW_TILES if M % m == 0), 1)
 
 
 def pack_weight(w: np.ndarray, gpu: bool = False) -> np.ndarray:
