@@ -14,15 +14,20 @@ tile):
     input transform   xp    → V  36 × tiles × Ci
     matrix products   U, V  → M  36 × tiles × Co  (register tile 6 channels × L)
     output transform  M     → y  plus the bias, 4×4 pixels per tile
-The last three run in one of two layouts (`fused`):
-- one task per vector of L tiles, all three passes, M one product tile at a time: its V stays in
-  the core's L2 and M in L1. For few input channels over many tiles (the 160-channel
+The last three run in one of three layouts (`layout_for`):
+- "fused": one task per vector of L tiles, all three passes, M one product tile at a time: its V
+  stays in the core's L2 and M in L1. For few input channels over many tiles (the 160-channel
   convolutions at 128² and 256²: alone, side by side with the bands, 1.14–1.19× in three runs
   of 15 repetitions, 1.00–1.23× in two of 7; 1.26× at 256² in one instrumented run of the d16
   decoder);
-- in bands of tiles, each pass parallel on its own (V and M of a band in the caches): for many
-  channels over few tiles, where a private V would not fit L2 and every task of the same tiles
-  would transform them again.
+- "own_filters": in bands of tiles (V and M of a band in L3), each pass parallel on its own; the
+  products run one task per product tile, which first transforms its own 6 output channels'
+  filters, so U never exists whole. For many channels (U of 320 and 640 channels is 14.7 and 59
+  MB, past L3: written and read back from memory on every call, and once per band, it was most
+  of a 16² convolution). Side by side with the bands (one-off script, 7 samples): 640→640 at
+  16² 1.71–1.80×, 32² 1.56–1.63×, 320→320 at 32² 1.45×, 64² 1.18×, 128² 1.04×;
+- "bands": bands of tiles with U transformed once per call: for few channels over few tiles (the
+  demo model's decoder), where U fits the caches and too few product tiles would leave a core idle.
 The matrices are Lavin & Gray's (arXiv 1509.09308, interpolation points 0, ±1, ±2, ∞), written
 out as sums because most of their entries are 0 or ±1.
 """
@@ -37,6 +42,9 @@ from schedules.conv import channel_tile
 MIN_PIXELS = 16 * 16
 PT = 6                 # output channels per product tile: 6×2 accumulators hide the FMA latency
 BAND_BYTES = 2 << 20   # V and M of one band of tiles: small enough to stay in the caches
+OWN_FILTERS_BAND_BYTES = 12 << 20  # V and M of a band in the own_filters layout, within L3 (32 MB
+                                   # here); 6 and 3 MB were 1.1–1.5× slower on 640 channels at 32²
+OWN_FILTERS_U_BYTES = 2 << 20      # from this size of U on, each task transforms its own filters
 FUSED_V_BYTES = 384 << 10  # a task's own V, within a core's L2: 512 KB here and on the Pi 5's
                            # Cortex-A76 (the Orin's A78AE has 256 KB: not measured there)
 TASKS = 16             # tile vectors the fused layout needs: tasks enough to balance the cores
@@ -64,22 +72,35 @@ def fused(B: int, Ci: int, H: int, W: int) -> bool:
     return 36 * Ci * L * 4 <= FUSED_V_BYTES and B * (H // 4) * (W // 4) // L >= TASKS
 
 
+def layout_for(B: int, Ci: int, H: int, W: int, Co: int) -> str:
+    """Which of the three layouts (module docstring) conv2d runs."""
+    if fused(B, Ci, H, W):
+        return "fused"
+    return "own_filters" if 36 * Ci * Co * 4 >= OWN_FILTERS_U_BYTES else "bands"
+
+
+def band_vectors(NV: int, Ci: int, Co: int, L: int, max_bytes: int) -> int:
+    """Tile vectors per band: the most that divide the image's NV and keep V and M within max_bytes."""
+    return max(g for g in range(1, NV + 1) if NV % g == 0 and (g == 1 or 36 * (Ci + Co) * g * L * 4 <= max_bytes))
+
+
 @lru_cache(maxsize=None)  # one parse per shape
 def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
     """x B×Ci×H×W, w packed as for the direct kernel (schedules.conv.pack_weight), b Co →
     y B×Co×H×W: the 3×3 convolution with zero padding 1, stride 1. H and W must be multiples
     of 4 (`applies`).
 
-    The tiles are taken in bands of BV vectors of L tiles; the data passes run band by band,
-    so V and M of a band stay in the caches (at 256² all of V would be 94 MB)."""
+    Except in the fused layout, the tiles are taken in bands of BV vectors of L tiles; the data
+    passes run band by band, so V and M of a band stay in the caches (at 256² all of V would be
+    94 MB)."""
     TH, TW = H // 4, W // 4
     L = lanes_for(TH * TW)
     NV = TH * TW // L                           # tile vectors per image
-    BV = max(g for g in range(1, NV + 1) if NV % g == 0 and (g == 1 or 36 * (Ci + Co) * g * L * 4 <= BAND_BYTES))
+    layout = layout_for(B, Ci, H, W, Co)
+    BV = band_vectors(NV, Ci, Co, L, OWN_FILTERS_BAND_BYTES if layout == "own_filters" else BAND_BYTES)
     Hp = H + 2
     mi = channel_tile(Co)        # the packed weights' channel tile
     ntp = (Co + PT - 1) // PT    # product tiles; U and M padded with zero channels up to ntp·PT
-    one_task_per_vector = fused(B, Ci, H, W)
 
     def clamped(ot, oi):
         return T.min(ot * PT + oi, Co - 1)
@@ -126,15 +147,16 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                 V[a * 6 + 5, tvl, c, l] = 4 * e[a, 1, l] - 5 * e[a, 3, l] + e[a, 5, l]
 
     @T.macro
-    def products(u, V, acc, M, ei, tvl, ot, ch):
-        """M[ei, tvl, ch … ch+PT−1] = U[ei]·V[ei] for product tile ot, over the input channels."""
+    def products(u, ue, uo, V, acc, M, ei, tvl, ch):
+        """M[ei, tvl, ch … ch+PT−1] = U[ei]·V[ei] over the input channels, U[ei] of this product
+        tile read from u[ue, uo]."""
         for oi in T.unroll(PT):
             for l in T.vectorized(L):
                 acc[oi, l] = T.float32(0)
         for c in range(Ci):
             for oi in T.unroll(PT):
                 for l in T.vectorized(L):
-                    acc[oi, l] = acc[oi, l] + V[ei, tvl, c, l] * u[ei, ot, c, oi]
+                    acc[oi, l] = acc[oi, l] + V[ei, tvl, c, l] * u[ue, uo, c, oi]
         for oi in T.unroll(PT):
             for l in T.vectorized(L):
                 M[ei, tvl, ch + oi, l] = acc[oi, l]
@@ -164,6 +186,49 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                 y[n, o, top(tvg, l) + i, left(tvg, l) + 3] = (
                     f[i, 1, l] - f[i, 2, l] + 8 * (f[i, 3, l] - f[i, 4, l]) + f[i, 5, l] + b[o])
 
+    @T.macro
+    def filter_transform(w, g, gt, u, ot, uo, c):
+        """u[·, uo, c] = G·g·Gᵀ for input channel c of the PT output channels of product tile ot."""
+        # the taps of output channels ot·PT …, 0 past Co. Loaded clamped in a statement of
+        # their own: under a Select's condition TVM's simplifier drops the clamp, and the
+        # vector load still reads every lane, past the end of w (docs/tvm-0.27-findings.md)
+        for r in T.unroll(3):
+            for s in T.unroll(3):
+                for oi in T.vectorized(PT):
+                    g[r, s, oi] = w[clamped(ot, oi) // mi, c, r, s, clamped(ot, oi) % mi]
+                for oi in T.vectorized(PT):
+                    g[r, s, oi] = T.Select(ot * PT + oi < Co, g[r, s, oi], T.float32(0))
+        for s in T.unroll(3):  # gt = G·g, down the columns
+            for oi in T.vectorized(PT):
+                gt[0, s, oi] = g[0, s, oi] * T.float32(1 / 4)
+                gt[1, s, oi] = (g[0, s, oi] + g[1, s, oi] + g[2, s, oi]) * T.float32(-1 / 6)
+                gt[2, s, oi] = (g[0, s, oi] - g[1, s, oi] + g[2, s, oi]) * T.float32(-1 / 6)
+                gt[3, s, oi] = (g[0, s, oi] * T.float32(1 / 24) + g[1, s, oi] * T.float32(1 / 12)
+                                + g[2, s, oi] * T.float32(1 / 6))
+                gt[4, s, oi] = (g[0, s, oi] * T.float32(1 / 24) - g[1, s, oi] * T.float32(1 / 12)
+                                + g[2, s, oi] * T.float32(1 / 6))
+                gt[5, s, oi] = g[2, s, oi]
+        for a in T.unroll(6):  # U = gt·Gᵀ, along the rows
+            for oi in T.vectorized(PT):
+                u[a * 6 + 0, uo, c, oi] = gt[a, 0, oi] * T.float32(1 / 4)
+                u[a * 6 + 1, uo, c, oi] = (gt[a, 0, oi] + gt[a, 1, oi] + gt[a, 2, oi]) * T.float32(-1 / 6)
+                u[a * 6 + 2, uo, c, oi] = (gt[a, 0, oi] - gt[a, 1, oi] + gt[a, 2, oi]) * T.float32(-1 / 6)
+                u[a * 6 + 3, uo, c, oi] = (gt[a, 0, oi] * T.float32(1 / 24) + gt[a, 1, oi] * T.float32(1 / 12)
+                                           + gt[a, 2, oi] * T.float32(1 / 6))
+                u[a * 6 + 4, uo, c, oi] = (gt[a, 0, oi] * T.float32(1 / 24) - gt[a, 1, oi] * T.float32(1 / 12)
+                                           + gt[a, 2, oi] * T.float32(1 / 6))
+                u[a * 6 + 5, uo, c, oi] = gt[a, 2, oi]
+
+    @T.macro
+    def filter_transform_all(w, u):
+        """U of every product tile, once per call, here rather than at build time: the weights
+        keep their size."""
+        for ot in T.parallel(ntp):
+            gt = T.decl_buffer((6, 3, PT), "float32", scope="local")
+            g = T.decl_buffer((3, 3, PT), "float32", scope="local")
+            for c in range(Ci):
+                filter_transform(w, g, gt, u, ot, ot, c)
+
     @T.prim_func(private=True)
     def wino(x: T.Buffer((i64(B), i64(Ci), i64(H), i64(W)), "float32"),
              w: T.Buffer((i64(Co // mi), i64(Ci), i64(3), i64(3), i64(mi)), "float32"),
@@ -171,7 +236,6 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
              y: T.Buffer((i64(B), i64(Co), i64(H), i64(W)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         xp = T.decl_buffer((B, Ci, Hp, 4, Wq), "float32")
-        u = T.decl_buffer((36, ntp, Ci, PT), "float32")
         # Zero-padded and split by column phase (column 4·j + k at [k, j]), so that the input
         # transform reads the same patch entry of consecutive tiles as one contiguous vector.
         for nc in T.parallel(B * Ci):
@@ -182,41 +246,9 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                             (i >= 1) & (i <= H) & (4 * j + k >= 1) & (4 * j + k <= W),
                             x[nc // Ci, nc % Ci, T.min(T.max(i - 1, 0), H - 1), T.min(T.max(4 * j + k - 1, 0), W - 1)],
                             T.float32(0))
-        # Filter transform U = G·g·Gᵀ, here rather than at build time: the weights keep their size.
-        for ot in T.parallel(ntp):
-            gt = T.decl_buffer((6, 3, PT), "float32", scope="local")
-            g = T.decl_buffer((3, 3, PT), "float32", scope="local")
-            for c in range(Ci):
-                # the taps of output channels ot·PT …, 0 past Co. Loaded clamped in a statement of
-                # their own: under a Select's condition TVM's simplifier drops the clamp, and the
-                # vector load still reads every lane, past the end of w (docs/tvm-0.27-findings.md)
-                for r in T.unroll(3):
-                    for s in T.unroll(3):
-                        for oi in T.vectorized(PT):
-                            g[r, s, oi] = w[clamped(ot, oi) // mi, c, r, s, clamped(ot, oi) % mi]
-                        for oi in T.vectorized(PT):
-                            g[r, s, oi] = T.Select(ot * PT + oi < Co, g[r, s, oi], T.float32(0))
-                for s in T.unroll(3):  # gt = G·g, down the columns
-                    for oi in T.vectorized(PT):
-                        gt[0, s, oi] = g[0, s, oi] * T.float32(1 / 4)
-                        gt[1, s, oi] = (g[0, s, oi] + g[1, s, oi] + g[2, s, oi]) * T.float32(-1 / 6)
-                        gt[2, s, oi] = (g[0, s, oi] - g[1, s, oi] + g[2, s, oi]) * T.float32(-1 / 6)
-                        gt[3, s, oi] = (g[0, s, oi] * T.float32(1 / 24) + g[1, s, oi] * T.float32(1 / 12)
-                                        + g[2, s, oi] * T.float32(1 / 6))
-                        gt[4, s, oi] = (g[0, s, oi] * T.float32(1 / 24) - g[1, s, oi] * T.float32(1 / 12)
-                                        + g[2, s, oi] * T.float32(1 / 6))
-                        gt[5, s, oi] = g[2, s, oi]
-                for a in T.unroll(6):  # U = gt·Gᵀ, along the rows
-                    for oi in T.vectorized(PT):
-                        u[a * 6 + 0, ot, c, oi] = gt[a, 0, oi] * T.float32(1 / 4)
-                        u[a * 6 + 1, ot, c, oi] = (gt[a, 0, oi] + gt[a, 1, oi] + gt[a, 2, oi]) * T.float32(-1 / 6)
-                        u[a * 6 + 2, ot, c, oi] = (gt[a, 0, oi] - gt[a, 1, oi] + gt[a, 2, oi]) * T.float32(-1 / 6)
-                        u[a * 6 + 3, ot, c, oi] = (gt[a, 0, oi] * T.float32(1 / 24) + gt[a, 1, oi] * T.float32(1 / 12)
-                                                   + gt[a, 2, oi] * T.float32(1 / 6))
-                        u[a * 6 + 4, ot, c, oi] = (gt[a, 0, oi] * T.float32(1 / 24) - gt[a, 1, oi] * T.float32(1 / 12)
-                                                   + gt[a, 2, oi] * T.float32(1 / 6))
-                        u[a * 6 + 5, ot, c, oi] = gt[a, 2, oi]
-        if one_task_per_vector:
+        if layout == "fused":
+            u = T.decl_buffer((36, ntp, Ci, PT), "float32")
+            filter_transform_all(w, u)
             # One task per tile vector: it transforms its tiles' input into V, private to the task
             # (so in this core's L2), then for each product tile runs the 36 products into m and
             # transforms m back at once, so that the products stay in L1.
@@ -234,13 +266,16 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                     input_transform(xp, V, d, e, n, c, tv, 0)
                 for ot in range(ntp):
                     for ei in range(36):
-                        products(u, V, acc, m, ei, 0, ot, 0)
+                        products(u, ei, ot, V, acc, m, ei, 0, 0)
                     for oi in range(T.min(PT, Co - ot * PT)):
                         output_transform(m, f, y, b, n, ot * PT + oi, oi, tv, 0)
         else:
             # Bands of BV tile vectors, each pass parallel on its own: many channels over few
             # tiles, where a private V per task would not fit L2 and would be transformed again
             # by every task of the same tiles.
+            u = T.decl_buffer((36, ntp if layout == "bands" else 0, Ci, PT), "float32")
+            if layout == "bands":
+                filter_transform_all(w, u)
             V = T.decl_buffer((36, BV, Ci, L), "float32")
             M = T.decl_buffer((36, BV, ntp * PT, L), "float32")
             for n in range(B):
@@ -250,11 +285,26 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int):
                         e = T.decl_buffer((6, 6, L), "float32", scope="local")
                         for tv in range(BV):
                             input_transform(xp, V, d, e, n, c, band * BV + tv, tv)
-                    for ei in T.parallel(36):
-                        acc = T.decl_buffer((PT, L), "float32", scope="local")
-                        for tv in range(BV):
-                            for ot in range(ntp):
-                                products(u, V, acc, M, ei, tv, ot, ot * PT)
+                    if layout == "bands":
+                        for ei in T.parallel(36):
+                            acc = T.decl_buffer((PT, L), "float32", scope="local")
+                            for tv in range(BV):
+                                for ot in range(ntp):
+                                    products(u, ei, ot, V, acc, M, ei, tv, ot * PT)
+                    else:
+                        # own_filters: one task per product tile transforms its own filters and
+                        # multiplies every tile of the band by them while they are in the core's
+                        # caches. Transforming them again for every band costs ~1 % of its products.
+                        for ot in T.parallel(ntp):
+                            ut = T.decl_buffer((36, 1, Ci, PT), "float32")
+                            gt = T.decl_buffer((6, 3, PT), "float32", scope="local")
+                            g = T.decl_buffer((3, 3, PT), "float32", scope="local")
+                            acc = T.decl_buffer((PT, L), "float32", scope="local")
+                            for c in range(Ci):
+                                filter_transform(w, g, gt, ut, ot, 0, c)
+                            for ei in range(36):
+                                for tv in range(BV):
+                                    products(ut, ei, 0, V, acc, M, ei, tv, ot * PT)
                     for o in T.parallel(Co):
                         f = T.decl_buffer((4, 6, L), "float32", scope="local")
                         for tv in range(BV):

@@ -537,8 +537,10 @@ def test_fast_exp_is_as_accurate_as_float32_exp():
 
 
 @pytest.mark.parametrize("B,Ci,H,W,Co,k", [(1, 5, 16, 16, 8, 3), (2, 3, 6, 10, 7, 3), (1, 4, 8, 8, 12, 1),
-                                          (1, 3, 4, 24, 10, 3), (1, 2, 5, 5, 18, 3)])
+                                          (1, 3, 4, 24, 10, 3), (1, 2, 5, 5, 18, 3), (2, 21, 4, 32, 10, 1),
+                                          (1, 3, 3, 5, 4, 1)])
 def test_conv2d_matches_pytorch(B, Ci, H, W, Co, k):
+    """3×3 and 1×1 (conv1x1: pixel blocks of 16, 8 and 1 lanes, two blocks per row, two images)."""
     from schedules.conv import conv2d, pack_weight
     rng = np.random.default_rng(Ci)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, Ci, H, W), (Co, Ci, k, k), (Co,)))
@@ -560,6 +562,26 @@ def test_winograd_conv2d_matches_pytorch(B, Ci, H, W, Co):
     rng = np.random.default_rng(Ci + W)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, Ci, H, W), (Co, Ci, 3, 3), (Co,)))
     (y,) = run(winograd.conv2d(B, Ci, H, W, Co), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
+    want = torch.nn.functional.conv2d(*map(torch.from_numpy, (x, w, b)), padding=1).numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("band_bytes", [None, 1])
+def test_winograd_own_filters_layout_matches_pytorch(monkeypatch, band_bytes):
+    """Many channels (U past OWN_FILTERS_U_BYTES): each product tile's task transforms its own
+    filters, with a product tile past Co, two images and, with band_bytes=1, one tile vector
+    per band (filters transformed again for each)."""
+    from schedules import winograd
+    from schedules.conv import pack_weight
+    B, Ci, H, W, Co = 2, 121, 16, 32, 125
+    assert winograd.layout_for(B, Ci, H, W, Co) == "own_filters"
+    if band_bytes:
+        monkeypatch.setattr(winograd, "OWN_FILTERS_BAND_BYTES", band_bytes)
+    winograd.conv2d.cache_clear()
+    rng = np.random.default_rng(5)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, Ci, H, W), (Co, Ci, 3, 3), (Co,)))
+    (y,) = run(winograd.conv2d(B, Ci, H, W, Co), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
+    winograd.conv2d.cache_clear()
     want = torch.nn.functional.conv2d(*map(torch.from_numpy, (x, w, b)), padding=1).numpy()
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=2e-4 * np.abs(want).max())
 
