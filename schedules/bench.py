@@ -48,9 +48,10 @@ SHAPES = {  # width, heads, MLP hidden, vocabulary, patch_nums
     "d16": (1024, 16, 4096, 4096, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
     "demo": (128, 2, 512, 1024, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
 }
-CONVS = {  # decoder 3×3 convolutions: in channels, out channels, image side
-    "d16": ((160, 160, 256), (160, 160, 128), (320, 320, 64), (640, 640, 16), (160, 3, 256)),
-    "demo": ((64, 64, 16), (64, 64, 32), (32, 32, 32), (32, 3, 32)),
+CONVS = {  # decoder convolutions: in channels, out channels, image side, kernel size
+    "d16": ((160, 160, 256, 3), (160, 160, 128, 3), (320, 320, 64, 3), (640, 640, 32, 3), (640, 640, 16, 3),
+            (160, 3, 256, 3), (320, 160, 128, 1)),
+    "demo": ((64, 64, 16, 3), (64, 64, 32, 3), (32, 32, 32, 3), (32, 3, 32, 3), (64, 32, 32, 1)),
 }
 INT8_ENGINES = ("tvm w8a8", "torch int8 (fbgemm)")   # measured against the integer peak too
 WINDOWS = (64, 16, 4)      # band half-widths (in key tokens of the query's own scale) to measure
@@ -300,7 +301,7 @@ def conv_engines(Ci: int, Co: int, side: int, k: int = 3) -> dict:
         fw = compile_kernel(winograd.conv2d(1, Ci, side, side, Co))
         wargs = tensors(x, conv.pack_weight(w), b) + [tvm.runtime.empty((1, Co, side, side), "float32", tvm.cpu())]
         engines["tvm winograd"] = lambda: fw(*wargs)
-    if groupnorm.applies(side, side) and Ci % 32 == 0 and Co % 32 == 0:   # the GroupNorm + SiLU before it
+    if k == 3 and groupnorm.applies(side, side) and Ci % 32 == 0 and Co % 32 == 0:   # the GroupNorm + SiLU before it
         g = compile_kernel(groupnorm.group_norm(1, Ci, side, side, 32, 1e-6, True))
         gargs = tensors(x, np.ones(Ci, np.float32), b[:1].repeat(Ci)) + [tvm.runtime.empty(x.shape, "float32", tvm.cpu())]
         ones, zeros = torch.ones(Ci), torch.zeros(Ci)
@@ -370,16 +371,16 @@ def run(model: str, repeat: int, log=print) -> dict:
         report["sampling"].append({"tokens": L, "vocab": vocab, "engine": name, "ms": t * 1e3,
                                    "vs_numpy": times["numpy (device/sampling.py)"] / t,
                                    "vs_torch": times["torch (reference sampler)"] / t})
-    for Ci, Co, side in CONVS[model]:
-        log(f"conv 3×3 {Ci}→{Co} at {side}×{side}, compiling …")
-        times = side_by_side(conv_engines(Ci, Co, side), repeat)
-        flops = 2.0 * Ci * Co * 9 * side * side
+    for Ci, Co, side, k in CONVS[model]:
+        log(f"conv {k}×{k} {Ci}→{Co} at {side}×{side}, compiling …")
+        times = side_by_side(conv_engines(Ci, Co, side, k), repeat)
+        flops = 2.0 * Ci * Co * k * k * side * side
         for name, t in times.items():
             if "groupnorm" in name:
                 base = times["torch groupnorm+silu"]
                 report["groupnorm"].append({"C": Ci, "side": side, "engine": name, "ms": t * 1e3, "vs_torch": base / t})
                 continue
-            report["conv"].append({"Ci": Ci, "Co": Co, "side": side, "engine": name, "ms": t * 1e3,
+            report["conv"].append({"Ci": Ci, "Co": Co, "side": side, "k": k, "engine": name, "ms": t * 1e3,
                                    "gflops": flops / t / 1e9, "of_peak": flops / t / 1e9 / peak,
                                    "vs_torch": times["torch conv2d"] / t})
     return report
@@ -408,10 +409,10 @@ def print_report(r: dict, log=print):
             "(top-k 900, top-p 0.95)")
         for a in r["sampling"]:
             log(f"{a['engine']:28} {a['ms']:8.2f} ms {a['vs_numpy']:8.2f}× numpy {a['vs_torch']:8.2f}× torch")
-    log("\nDecoder convolutions (3×3, batch 1)")
+    log("\nDecoder convolutions (batch 1)")
     log(f"{'shape':22} {'engine':14} {'ms':>8} {'GFLOP/s':>8} {'of peak':>8} {'vs torch':>9}")
     for c in r["conv"]:
-        shape = f"{c['Ci']}→{c['Co']} @ {c['side']}²"
+        shape = f"{c['k']}×{c['k']} {c['Ci']}→{c['Co']} @ {c['side']}²"
         log(f"{shape:22} {c['engine']:14} {c['ms']:8.2f} {c['gflops']:8.1f} {c['of_peak']:8.1%} {c['vs_torch']:8.2f}×")
     log("\nGroupNorm (32 groups) + SiLU before those convolutions")
     for g in r["groupnorm"]:

@@ -65,6 +65,7 @@ def test_schedules_bench_reports_every_kernel(tmp_path):
     assert (64, 64, 32) in convs and {c["engine"] for c in report["conv"]} == {"tvm conv", "torch conv2d", "tvm winograd"}
     winograd = {(c["Ci"], c["Co"], c["side"]) for c in report["conv"] if c["engine"] == "tvm winograd"}
     assert {(64, 64, 32), (64, 64, 16)} <= winograd and (32, 3, 32) not in winograd
+    assert {(c["Ci"], c["Co"], c["side"]) for c in report["conv"] if c["k"] == 1} == {(64, 32, 32)}   # 1×1: no Winograd
     assert "Decoder convolutions" in r.stdout and "GroupNorm" in r.stdout
     assert {g["engine"] for g in report["groupnorm"]} == {"tvm groupnorm+silu", "torch groupnorm+silu"}
     samp = {a["engine"]: a for a in report["sampling"]}
