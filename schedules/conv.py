@@ -14,7 +14,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 
-PIXEL_BLOCKS_BYTES = 512 << 10   # 1×1 convolutions of larger images (per image) go through conv1x1;
+PIXEL_BLOCKS_BYTES = 512 << 10   # 1×1 convolutions of larger images (per image) copy pixel blocks;
                                  # smaller ones stay in L2, where the copy costs more (the demo's
                                  # 64→192 at 16²: 0.15 → 0.2 ms) than it saves
 
@@ -33,22 +33,36 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)  # one parse per shape
-def conv2d(B: int, Ci: int, H: int, W: int, Co: int, k: int):
+def conv2d(B: int, Ci: int, H: int, W: int, Co: int, k: int, pixel_blocks: bool | None = None):
     """x B×Ci×H×W, packed w (pack_weight), b Co → y B×Co×H×W (zero padding k//2, stride 1).
 
     Written already scheduled: the padded input is copied once, then one parallel task per
     (image, output row, tile of `mi` output channels). The channel tile runs innermost, so the
     k input rows a task reads stay in L2 for all tiles of a row: with the tiles outermost
     (the first version) every tile streamed the whole input, 42 MB at 256², from memory,
-    and the 256 px decoder ran at a third of the speed."""
-    if k == 1 and Ci * H * W * 4 >= PIXEL_BLOCKS_BYTES:
-        return conv1x1(B, Ci, H, W, Co)
+    and the 256 px decoder ran at a third of the speed.
+
+    pixel_blocks (1×1 only; by default for inputs of PIXEL_BLOCKS_BYTES and more): the copy
+    holds blocks of `lanes` pixels × all channels, so that a task reads its pixels channel after
+    channel from consecutive addresses. Read from NCHW, the channels of a pixel vector lie H·W·4
+    bytes apart, 64 KB at 128²: all in one cache set, and the 1×1 convolutions ran at a fifth of
+    the 3×3 rate (320→160 at 128²: 20 G multiply-adds/s; side by side 41 → 18 ms, and 1.2–1.6×
+    at 640 channels and 16², 32²)."""
+    if pixel_blocks is None:
+        pixel_blocks = k == 1 and Ci * H * W * 4 >= PIXEL_BLOCKS_BYTES
+    if pixel_blocks and k != 1:
+        raise ValueError("pixel blocks are for 1×1 convolutions")
     p = k // 2
     Hp, Wp = H + 2 * p, W + 2 * p
     lanes = next((v for v in (16, 8) if W % v == 0), 1)
     mi = channel_tile(Co)
     nt = Co // mi
+    nb = W // lanes              # pixel vectors per row
     i64 = T.int64
+
+    def pixels(src, n, c, i, jo, r, s, u):
+        """Lane u of the input vector that tap (r, s) reads for pixel vector jo of row i."""
+        return src[n, i, jo, c, u] if pixel_blocks else src[n, c, i + r, jo * lanes + s + u]
 
     @T.prim_func(private=True)
     def conv(x: T.Buffer((i64(B), i64(Ci), i64(H), i64(W)), "float32"),
@@ -56,62 +70,21 @@ def conv2d(B: int, Ci: int, H: int, W: int, Co: int, k: int):
              b: T.Buffer((i64(Co),), "float32"),
              y: T.Buffer((i64(B), i64(Co), i64(H), i64(W)), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        xp = T.decl_buffer((B, Ci, Hp, Wp), "float32")
-        for nc in T.parallel(B * Ci):
-            for i in range(Hp):
-                for j in range(Wp):
-                    xp[nc // Ci, nc % Ci, i, j] = T.Select((i >= p) & (i < H + p) & (j >= p) & (j < W + p),
-                                                           x[nc // Ci, nc % Ci, T.max(i - p, 0), T.max(j - p, 0)],
-                                                           T.float32(0))
+        xp = T.decl_buffer((B, H, nb, Ci, lanes) if pixel_blocks else (B, Ci, Hp, Wp), "float32")
+        if pixel_blocks:
+            for nc in T.parallel(B * Ci):
+                for i in range(H):
+                    for jo in range(nb):
+                        for u in T.vectorized(lanes):
+                            xp[nc // Ci, i, jo, nc % Ci, u] = x[nc // Ci, nc % Ci, i, jo * lanes + u]
+        else:
+            for nc in T.parallel(B * Ci):
+                for i in range(Hp):
+                    for j in range(Wp):
+                        xp[nc // Ci, nc % Ci, i, j] = T.Select((i >= p) & (i < H + p) & (j >= p) & (j < W + p),
+                                                               x[nc // Ci, nc % Ci, T.max(i - p, 0), T.max(j - p, 0)],
+                                                               T.float32(0))
         for task in T.parallel(B * H * nt):
-            n = task // (H * nt)
-            i = task // nt % H
-            ot = task % nt
-            acc = T.decl_buffer((mi, lanes), "float32", scope="local")
-            for jo in range(W // lanes):
-                for oi in T.unroll(mi):
-                    for u in T.vectorized(lanes):
-                        acc[oi, u] = T.float32(0)
-                for c in range(Ci):
-                    for r in T.unroll(k):
-                        for s in T.unroll(k):
-                            for oi in T.unroll(mi):
-                                for u in T.vectorized(lanes):
-                                    acc[oi, u] = acc[oi, u] + xp[n, c, i + r, jo * lanes + s + u] * w[ot, c, r, s, oi]
-                for oi in T.unroll(mi):
-                    for u in T.vectorized(lanes):
-                        y[n, ot * mi + oi, i, jo * lanes + u] = acc[oi, u] + b[ot * mi + oi]
-
-    return conv.with_attr("tirx.is_scheduled", True)
-
-
-@lru_cache(maxsize=None)
-def conv1x1(B: int, Ci: int, H: int, W: int, Co: int):
-    """conv2d for k = 1 (the decoder's shortcuts and attention projections): the same register
-    tile, but the input is first copied into blocks of `lanes` pixels × all channels, so that a
-    task reads its pixels channel after channel from consecutive addresses. Read from NCHW, the
-    channels of a pixel vector lie H·W·4 bytes apart, 64 KB at 128²: every one maps to the same
-    cache set, and the 1×1 convolutions ran at a fifth of the 3×3 kernel's rate (320→160 at 128²:
-    20 G multiply-adds/s; side by side, 41 → 18 ms, and 1.2–1.6× at 640 channels and 16², 32²)."""
-    lanes = next((v for v in (16, 8) if W % v == 0), 1)
-    mi = channel_tile(Co)
-    nt = Co // mi
-    nb = W // lanes              # pixel blocks per row
-    i64 = T.int64
-
-    @T.prim_func(private=True)
-    def conv(x: T.Buffer((i64(B), i64(Ci), i64(H), i64(W)), "float32"),
-             w: T.Buffer((i64(nt), i64(Ci), i64(1), i64(1), i64(mi)), "float32"),
-             b: T.Buffer((i64(Co),), "float32"),
-             y: T.Buffer((i64(B), i64(Co), i64(H), i64(W)), "float32")):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        xb = T.decl_buffer((B, H, nb, Ci, lanes), "float32")
-        for nc in T.parallel(B * Ci):
-            for i in range(H):
-                for jo in range(nb):
-                    for u in T.vectorized(lanes):
-                        xb[nc // Ci, i, jo, nc % Ci, u] = x[nc // Ci, nc % Ci, i, jo * lanes + u]
-        for task in T.parallel(B * H * nt):   # as conv2d: a row's blocks stay in L2 for all its tiles
             n = task // (H * nt)
             i = task // nt % H
             ot = task % nt
@@ -121,9 +94,11 @@ def conv1x1(B: int, Ci: int, H: int, W: int, Co: int):
                     for u in T.vectorized(lanes):
                         acc[oi, u] = T.float32(0)
                 for c in range(Ci):
-                    for oi in T.unroll(mi):
-                        for u in T.vectorized(lanes):
-                            acc[oi, u] = acc[oi, u] + xb[n, i, jo, c, u] * w[ot, c, 0, 0, oi]
+                    for r in T.unroll(k):
+                        for s in T.unroll(k):
+                            for oi in T.unroll(mi):
+                                for u in T.vectorized(lanes):
+                                    acc[oi, u] = acc[oi, u] + pixels(xp, n, c, i, jo, r, s, u) * w[ot, c, r, s, oi]
                 for oi in T.unroll(mi):
                     for u in T.vectorized(lanes):
                         y[n, ot * mi + oi, i, jo * lanes + u] = acc[oi, u] + b[ot * mi + oi]

@@ -540,8 +540,8 @@ def test_fast_exp_is_as_accurate_as_float32_exp():
                                           (1, 3, 4, 24, 10, 3), (1, 2, 5, 5, 18, 3), (2, 21, 4, 32, 10, 1),
                                           (1, 3, 3, 5, 4, 1)])
 def test_conv2d_matches_pytorch(B, Ci, H, W, Co, k):
-    """3×3 and 1×1, the latter also through conv1x1 (pixel blocks of 16, 8 and 1 lanes, two
-    blocks per row, two images)."""
+    """3×3 and 1×1, the latter also on pixel blocks (of 16, 8 and 1 lanes, two blocks per row,
+    two images)."""
     from schedules.conv import conv2d, pack_weight
     rng = np.random.default_rng(Ci)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((B, Ci, H, W), (Co, Ci, k, k), (Co,)))
@@ -549,8 +549,7 @@ def test_conv2d_matches_pytorch(B, Ci, H, W, Co, k):
     (y,) = run(conv2d(B, Ci, H, W, Co, k), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
     if k == 1:
-        from schedules.conv import conv1x1
-        (y,) = run(conv1x1(B, Ci, H, W, Co), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
+        (y,) = run(conv2d(B, Ci, H, W, Co, k, pixel_blocks=True), x, pack_weight(w), b, out=[((B, Co, H, W), "float32")])
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
 
 
