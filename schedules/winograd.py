@@ -25,7 +25,8 @@ The last three run in one of three layouts (`layout_for`):
   filters, so U never exists whole. For many channels (U of 320 and 640 channels is 14.7 and 59
   MB, past L3: written and read back from memory on every call, and once per band, it was most
   of a 16² convolution). Side by side with the bands (one-off script, 7 samples): 640→640 at
-  16² 1.71–1.80×, 32² 1.56–1.63×, 320→320 at 32² 1.45×, 64² 1.18×, 128² 1.04×;
+  16² 1.71–1.81×, 32² 1.56–1.63×, 640→320 at 32² 1.29–1.60×, 320→320 at 32² 1.45×, 64²
+  1.09–1.18×, 128² 1.04×;
 - "bands": bands of tiles with U transformed once per call: for few channels over few tiles (the
   demo model's decoder), where U fits the caches and too few product tiles would leave a core idle.
 The matrices are Lavin & Gray's (arXiv 1509.09308, interpolation points 0, ±1, ±2, ∞), written
