@@ -15,8 +15,8 @@ from tvm.script import tirx as T
 
 
 PIXEL_BLOCKS_BYTES = 512 << 10   # 1×1 convolutions of larger images (per image) copy pixel blocks;
-                                 # smaller ones stay in L2, where the copy costs more (the demo's
-                                 # 64→192 at 16²: 0.15 → 0.2 ms) than it saves
+                                 # smaller ones stay in L2, where the copy costs more than it saves
+                                 # (the demo's 64→192 at 16²: 0.13–0.16 → 0.21–0.24 ms copied)
 
 
 def channel_tile(Co: int) -> int:
