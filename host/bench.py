@@ -1,7 +1,8 @@
 """Per-image generation time and peak memory of each engine, measured side by side in one run.
 
     python -m host.bench --target host [--model demo|d16] [--plan plans/demo-all.json] \\
-        [--images 5] [--dense-artifact DIR --plan-artifact DIR --onnx DIR [--onnx-shared-weights]] --out bench.json
+        [--images 5] [--dense-artifact DIR --plan-artifact DIR --onnx DIR [--onnx-shared-weights]] \\
+        [--keep-artifacts DIR] --out bench.json
 
 Engines: the PyTorch eager reference (fp32), ONNX Runtime on the exported graphs
 (compiler.export_onnx), the compiled dense build and the compiled plan build; batch 1, CFG, ten scales, decoder included, top-k 900 / top-p 0.95 sampling. Images are
@@ -107,6 +108,9 @@ def main(argv=None):
     ap.add_argument("--onnx-shared-weights", action="store_true",
                     help="ONNX Runtime without weight prepacking: all its sessions share one in-memory copy of the "
                          "export's weights.bin (demo: ~10%% slower, less memory)")
+    ap.add_argument("--keep-artifacts", type=Path,
+                    help="build the artifacts and export not given into this new directory and keep them (to give "
+                         "them next time, or to device.bench), instead of a temporary one")
     ap.add_argument("--memory-of", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True, help="bench.json to write")
     args = ap.parse_args(argv)
@@ -129,9 +133,16 @@ def main(argv=None):
     if unknown:
         raise UserError(f"--engines: unknown engine {unknown[0]!r}; known: {', '.join(ENGINES)}")
     args.engines = tuple(e for e in ENGINES if e in chosen or e == "pytorch")
+    keep = args.keep_artifacts
+    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+        raise UserError(f"--keep-artifacts {keep}: exists and is not an empty directory")
     var, vae = load_reference(args.model)
     with tempfile.TemporaryDirectory(prefix="bench-artifacts-") as work:
-        ensure_artifacts(args, var, vae, Path(work), log)
+        ensure_artifacts(args, var, vae, keep or Path(work), log)
+        if keep is not None:
+            log(f"artifacts kept in {keep}: " + ", ".join(f"{flag} {path}" for flag, path in (
+                ("--dense-artifact", args.dense_artifact), ("--plan-artifact", args.plan_artifact),
+                ("--onnx", args.onnx)) if path is not None))
         result = measure(args, var, vae, log)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")

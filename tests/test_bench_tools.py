@@ -114,6 +114,30 @@ def test_host_bench_gives_the_speed_up_of_each_round():
     assert (r["ort"]["min"], r["ort"]["median"], r["ort"]["max"]) == (1.0, 2.0, 2.0)
 
 
+def test_host_bench_keeps_the_artifacts_it_builds_where_asked(monkeypatch, tmp_path):
+    from host import bench
+    seen = {}
+
+    def fake_ensure(args, var, vae, work, log):
+        seen["work"] = work
+        args.plan_artifact = work / "plan"
+
+    def fake_measure(args, var, vae, log):
+        seen["plan"] = args.plan_artifact
+        return {"pytorch_s": 2.0, "all_median_s": {"pytorch": 2.0, "tvm_plan": 1.0}, "peak_mb": {"pytorch": 1, "tvm_plan": 1},
+                "speedup_per_round": {}}
+    monkeypatch.setattr(bench, "load_reference", lambda model: (None, None))
+    monkeypatch.setattr(bench, "ensure_artifacts", fake_ensure)
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    keep = tmp_path / "kept"
+    bench.main(["--engines", "pytorch,tvm_plan", "--keep-artifacts", str(keep), "--out", str(tmp_path / "b.json")])
+    assert seen == {"work": keep, "plan": keep / "plan"}
+    (keep / "plan").mkdir(parents=True)
+    r = run_cli("host.bench", "--keep-artifacts", keep, "--out", tmp_path / "c.json")
+    assert r.returncode == 2 and f"--keep-artifacts {keep}: exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_host_bench_names_an_unknown_engine(tmp_path):
     r = run_cli("host.bench", "--engines", "pytorch,tensorrt", "--out", tmp_path / "b.json")
     assert r.returncode == 2
