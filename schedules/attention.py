@@ -97,11 +97,13 @@ def fast_exp(x):
 
 
 @lru_cache(maxsize=None)  # one parse per shape
-def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
-    """Write one scale's k, v (NB×H×n×c) at place `begin` of a cache of L places, in place."""
+def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int, cache_nb: int | None = None):
+    """Write one scale's k, v (NB×H×n×c) at place `begin` of a cache of L places, in place; into
+    the first NB batch rows of a cache of `cache_nb` (ASC "cond": the conditional half only)."""
+    CB = NB if cache_nb is None else cache_nb
 
     @T.prim_func(private=True, s_tir=True)
-    def write_kv(kv: T.Buffer((T.int64(2), T.int64(NB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
+    def write_kv(kv: T.Buffer((T.int64(2), T.int64(CB), T.int64(H), T.int64(cache_row(L, c))), "float32"),
                  k: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32"),
                  v: T.Buffer((T.int64(NB), T.int64(H), T.int64(n), T.int64(c)), "float32")):
         T.func_attr({"tirx.noalias": True})
@@ -117,12 +119,18 @@ def kv_write(NB: int, H: int, n: int, c: int, L: int, begin: int):
     return write_kv
 
 
-def signature(NB: int, H: int, n: int, c: int, L: int, S: int):
-    """The attention kernels' parameters: q, the cache, win, geom and out (each its own buffer)."""
+def signature(NB: int, H: int, n: int, c: int, L: int, S: int, share: str | None = None):
+    """The attention kernels' parameters: q, the cache, win, geom and out (each its own buffer);
+    for ASC "cond", q and out hold the conditional half's NB/2 batch rows only."""
     i64 = T.int64
-    rows = lambda: T.Buffer((i64(NB), i64(H), i64(n), i64(c)), "float32")  # noqa: E731
+    rows = lambda: T.Buffer((i64(query_rows(NB, share)), i64(H), i64(n), i64(c)), "float32")  # noqa: E731
     return (rows(), T.Buffer((i64(2), i64(NB), i64(H), i64(cache_row(L, c))), "float32"),
             T.Buffer((i64(S), i64(H), i64(S)), "int32"), T.Buffer((i64(S), i64(2)), "int32"), rows())
+
+
+def query_rows(NB: int, share: str | None) -> int:
+    """Batch rows of q and out: all NB, or the conditional half for ASC "cond"."""
+    return NB // 2 if share == "cond" else NB
 
 
 def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
@@ -130,8 +138,10 @@ def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
     """out NB×H×n×c = softmax(q·kᵀ over kept keys)·v for query scale `qs`, on a cache of L places.
 
     Tables: win S×H×S int32 (window per query scale, head, key scale; −1 dense, 0 dropped) and
-    geom S×2 int32 (scale_slots: first place and token count of each scale). `share`: None, "map"
-    or "output". `gpu`: False (CPU), "cuda" (the tiled kernel) or another GPU API (one thread
+    geom S×2 int32 (scale_slots: first place and token count of each scale). `share`: None, "map",
+    "output", or "cond": "output" where the unconditional half's keys are never read again (this
+    and every later query scale of the block share), so that half is not computed at all: q and
+    out are the conditional half's, the cache is still NB's. `gpu`: False (CPU), "cuda" (the tiled kernel) or another GPU API (one thread
     per row). `map_bits`: a plan's 8-bit attention (the CPU kernel, or the per-row one on GPUs)."""
     if map_bits is not None and gpu:
         return _attention_rows(NB, H, n, c, L, S, qs, share, map_bits=map_bits)
@@ -220,7 +230,7 @@ def _attention_cpu(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sha
                         for u in T.vectorized(cw):
                             out[b + half, h, i0 + g + r, ch * cw + u] = pv[r, u] * rl[g + r]
 
-    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
+    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S, share)
 
     @T.prim_func(private=True)
     def attention(q: Q, kv: Cache, win: Windows, geom: Geom, out: Out):
@@ -370,14 +380,14 @@ def _attention_rows(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, sh
                 if share == "map":
                     acc_u[g * VW + u] = acc_u[g * VW + u] + p * kvf[vals_u + place * c + g * VW + u]
 
-    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
+    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S, share)
 
     @T.prim_func(private=True)
     def attention(q: Q, kv: Cache, win: Windows, geom: Geom, out: Out):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        qf = T.decl_buffer((NB * H * n * c,), "float32", data=q.data)
+        qf = T.decl_buffer((query_rows(NB, share) * H * n * c,), "float32", data=q.data)
         kvf = T.decl_buffer((2 * NB * H * R,), "float32", data=kv.data)
-        outf = T.decl_buffer((NB * H * n * c,), "float32", data=out.data)
+        outf = T.decl_buffer((query_rows(NB, share) * H * n * c,), "float32", data=out.data)
         for bx in outer(blocks):
             for tx in inner(threads):
                 if bx * threads + tx < rows:
@@ -504,7 +514,7 @@ def _attention_tiled(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int, s
         if bound:
             T.tvm_storage_sync("shared")
 
-    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S)
+    Q, Cache, Windows, Geom, Out = signature(NB, H, n, c, L, S, share)
 
     @T.prim_func(private=True)
     def attention(q: Q, kv: Cache, win: Windows, geom: Geom, out: Out):

@@ -94,9 +94,14 @@ def test_scale_calls_get_the_same_buffers_whatever_the_setting(tiny, dense_artif
     np.testing.assert_array_equal(got[4.0], greedy(var, vae, LABELS)[0])
 
 
-def test_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
+@pytest.mark.parametrize("mode", ["map", "output"])
+def test_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path, mode):
+    """ASC "output" sharing on to the last scale skips the unconditional half's attention
+    (block 0 from scale 2, block 1 at scale 3); block 1's scale 1 shares alone and keeps it."""
     var, vae = tiny
     plan = tiny_plan(var)
+    if mode == "output":
+        plan.asc_mode, plan.asc_share = "output", [[False, False, True, True], [False, True, False, True]]
     path = tmp_path / "plan.json"
     plan.save(path)
     plan = load_plan(path, var.cfg)
@@ -104,7 +109,7 @@ def test_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):
     want_t, _ = greedy(apply_plan(var, plan), vae, LABELS)
     got_t, _ = CompiledVAR(art).generate(LABELS, cfg=4.0, top_k=1, top_p=0.0)
     np.testing.assert_array_equal(got_t, want_t)
-    assert json.loads((art / "manifest.json").read_text())["plan"]["asc"]["mode"] == "map"
+    assert json.loads((art / "manifest.json").read_text())["plan"]["asc"]["mode"] == mode
 
 
 def test_8bit_attention_plan_build_gives_the_tokens_of_the_pytorch_simulation(tiny, tmp_path):

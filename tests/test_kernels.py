@@ -337,7 +337,8 @@ def test_groups_that_do_not_divide_the_inputs_are_refused(K, group):
 
 
 def reference_attention(q, kv, win, pns, qs, share):
-    NB, H = q.shape[:2]
+    """q: NB batch rows, or for ASC "cond" the conditional half's (the kernel's query_rows)."""
+    NB, H = kv.shape[1], q.shape[1]
     end = sum(p * p for p in pns[:qs + 1])
     out = np.zeros_like(q)
     for h in range(H):
@@ -356,9 +357,10 @@ def reference_attention(q, kv, win, pns, qs, share):
     return out
 
 
-def attention_problem(pns, qs, c, H=3, NB=4):
+def attention_problem(pns, qs, c, H=3, NB=4, share=None):
     """Random q and keys/values, and windows for query scale qs: bands (the widest at the edges
-    of the scale), dropped key scales, a window wider than its scale (dense) and dense heads."""
+    of the scale), dropped key scales, a window wider than its scale (dense) and dense heads.
+    ASC "cond": q of the conditional half only."""
     S = len(pns)
     n = pns[qs] ** 2
     rng = np.random.default_rng(c + qs)
@@ -368,7 +370,7 @@ def attention_problem(pns, qs, c, H=3, NB=4):
     win[qs, 0, :qs + 1] = [-1, 1, 2, 1, 3, 2, 1][:qs + 1]
     win[qs, 1, :qs + 1] = [0, -1, 1, 0, 2, 0, 1][:qs + 1]
     win[qs, 2, :qs + 1] = [-1, -1, -1, 16, -1, 64, 99][:qs + 1]
-    return q, kv, win
+    return q[:attention.query_rows(NB, share)], kv, win
 
 
 KERNELS = {   # name → the kernel's maker; the GPU variants' thread loops run here as plain loops
@@ -381,7 +383,7 @@ KERNELS = {   # name → the kernel's maker; the GPU variants' thread loops run 
 }
 
 
-@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("share", [None, "map", "output", "cond"])
 @pytest.mark.parametrize("c", [8, 6])
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("qs", [2, 3])
@@ -391,9 +393,9 @@ def test_windowed_attention_keeps_exactly_the_plan_pairs(share, c, kernel, qs):
     pns = [1, 2, 3, 4]
     S, H, NB = 4, 3, 4
     L, n = kv_layout.cache_len(pns), pns[qs] ** 2
-    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    q, kv, win = attention_problem(pns, qs, c, H, NB, share)
     func = KERNELS[kernel](NB, H, n, c, L, S, qs, share)
-    (out,) = run(func, q, kv_layout.cache_of(kv, pns), win, kv_layout.scale_slots(pns), out=[((NB, H, n, c), "float32")])
+    (out,) = run(func, q, kv_layout.cache_of(kv, pns), win, kv_layout.scale_slots(pns), out=[(q.shape, "float32")])
     np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
 
 
@@ -412,7 +414,7 @@ def test_tiled_cuda_attention_over_several_row_and_key_tiles(share, c):
     np.testing.assert_allclose(out, reference_attention(q, kv, win, pns, qs, share), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("share", [None, "output", "map"])
+@pytest.mark.parametrize("share", [None, "output", "map", "cond"])
 def test_tiled_cuda_attention_compiles_for_orin_with_shared_tiles_and_16_byte_loads(share, tmp_path):
     """d16's last scale for sm_87: keys and values come from shared memory in float4 loads
     (single floats for ASC "map", which was faster so on the H100), and the block's shared
@@ -436,6 +438,8 @@ def simulated_8bit_attention(q, kv, win, pns, qs, share):
     from compiler.compress.attention import CompressedAttention
     H, end = q.shape[1], sum(p * p for p in pns[:qs + 1])
     windows = [[[None if w < 0 else int(w) for w in win[s, h, :s + 1]] for s in range(len(pns))] for h in range(H)]
+    if share == "cond":     # the conditional half of ASC "output"
+        return simulated_8bit_attention(np.concatenate([q, q]), kv, win, pns, qs, "output")[:len(q)]
     sim = CompressedAttention(pns, windows, [share is not None] * len(pns) if share else None, share or "map", 8)
     k, v = (torch.from_numpy(kv[i][:, :, :end]) for i in (0, 1))
     return sim(torch.from_numpy(q), k, v).numpy()
@@ -446,7 +450,7 @@ def on_8bit_grid(x):
     return fake_quant_per_token(torch.from_numpy(x)).numpy()
 
 
-@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("share", [None, "map", "output", "cond"])
 @pytest.mark.parametrize("c", [8, 6])
 @pytest.mark.parametrize("kernel", ["cpu", "rows", "rows-parallel"])
 def test_8bit_attention_matches_the_simulation(share, c, kernel):
@@ -456,14 +460,14 @@ def test_8bit_attention_matches_the_simulation(share, c, kernel):
     pns, qs = [1, 2, 3, 4], 3
     S, H, NB = 4, 3, 4
     L, n = kv_layout.cache_len(pns), pns[qs] ** 2
-    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    q, kv, win = attention_problem(pns, qs, c, H, NB, share)
     if kernel == "cpu":
         func = attention.windowed_attention(NB, H, n, c, L, S, qs, share, map_bits=8)
     else:   # the per-row kernel's loops serial, or its rows as parallel CPU tasks
         bound = "cpu" if kernel == "rows-parallel" else False
         func = attention._attention_rows(NB, H, n, c, L, S, qs, share, bound=bound, map_bits=8)
     (out,) = run(func, on_8bit_grid(q), kv_layout.cache_of(on_8bit_grid(kv), pns), win, kv_layout.scale_slots(pns),
-                 out=[((NB, H, n, c), "float32")])
+                 out=[(q.shape, "float32")])
     want = simulated_8bit_attention(q, kv, win, pns, qs, share)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     # the rounding is real: the unrounded weights give another output
@@ -478,7 +482,7 @@ def opencl_device():
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("share", [None, "map", "output", "cond"])
 @pytest.mark.parametrize("c,vector,bits", [(8, True, None), (6, True, None), (8, False, None), (8, True, 8)])
 def test_opencl_attention_runs_on_an_opencl_device_like_the_reference(share, c, vector, bits):
     """The generated OpenCL itself, launched by pyopencl (PoCL here and in CI): 16 query rows of
@@ -494,7 +498,7 @@ def test_opencl_attention_runs_on_an_opencl_device_like_the_reference(share, c, 
     pns, qs = [1, 2, 3, 4], 3
     S, H, NB = 4, 3, 4
     L, n = kv_layout.cache_len(pns), pns[qs] ** 2
-    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    q, kv, win = attention_problem(pns, qs, c, H, NB, share)
     spec = opencl_attention(targets.load("mali-g610"), NB, H, n, c, L, S, qs, share, vector, bits)
     assert ("vload4(0, kvf_ptr" in spec["source"]) == vector
     assert not re.search(r"\blong\b", spec["source"]), "64-bit index arithmetic in the kernel"
@@ -509,16 +513,18 @@ def test_opencl_attention_runs_on_an_opencl_device_like_the_reference(share, c, 
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_kv_write_fills_only_its_scale():
+@pytest.mark.parametrize("rows", [2, 1])
+def test_kv_write_fills_only_its_scale(rows):
+    """rows = 1: ASC "cond" writes the conditional half's keys only, into the cache of both."""
     NB, H, n, c, L, begin = 2, 2, 4, 8, 14, 5
     before = np.full((2, NB, H, L, c), 7.0, np.float32)
-    k = np.random.default_rng(0).standard_normal((NB, H, n, c)).astype(np.float32)
-    f = attention.kv_write(NB, H, n, c, L, begin).with_attr("global_symbol", "f")
+    k = np.random.default_rng(0).standard_normal((rows, H, n, c)).astype(np.float32)
+    f = attention.kv_write(rows, H, n, c, L, begin, cache_nb=NB).with_attr("global_symbol", "f")
     ex = tvm.compile(tvm.IRModule({"f": f}), target=TARGET)
     kv_t = tvm.runtime.tensor(kv_layout.cache_of(before), DEV)
     ex["f"](kv_t, tvm.runtime.tensor(k, DEV), tvm.runtime.tensor(-k, DEV))
     want = before.copy()
-    want[0, :, :, begin:begin + n], want[1, :, :, begin:begin + n] = k, -k
+    want[0, :rows, :, begin:begin + n], want[1, :rows, :, begin:begin + n] = k, -k
     np.testing.assert_array_equal(kv_t.numpy(), kv_layout.cache_of(want))
 
 
@@ -646,7 +652,7 @@ def test_group_norm_matches_pytorch(B, C, H, W, G, with_silu):
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("share", [None, "map", "output"])
+@pytest.mark.parametrize("share", [None, "map", "output", "cond"])
 @pytest.mark.parametrize("bits", [None, 8])
 def test_cpu_attention_over_several_row_blocks_and_value_passes(share, bits):
     """The CPU kernel on 36 queries (four whole 8-row blocks, whose q tiles are transposed in
@@ -655,11 +661,11 @@ def test_cpu_attention_over_several_row_blocks_and_value_passes(share, bits):
     pns, qs, c = [1, 2, 3, 4, 5, 6], 5, 32
     S, H, NB = 6, 3, 4
     L, n = kv_layout.cache_len(pns), pns[qs] ** 2
-    q, kv, win = attention_problem(pns, qs, c, H, NB)
+    q, kv, win = attention_problem(pns, qs, c, H, NB, share)
     grid = on_8bit_grid if bits else (lambda x: x)
     func = attention.windowed_attention(NB, H, n, c, L, S, qs, share, map_bits=bits)
     (out,) = run(func, grid(q), kv_layout.cache_of(grid(kv), pns), win, kv_layout.scale_slots(pns),
-                 out=[((NB, H, n, c), "float32")])
+                 out=[(q.shape, "float32")])
     want = (simulated_8bit_attention if bits else reference_attention)(q, kv, win, pns, qs, share)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 

@@ -65,6 +65,10 @@ class Attention(nn.Module):
         self.windows = param(window_table(plan, block, S, H))
         self.share = [bool(plan.asc_share[block][s]) if plan and plan.asc_share else False for s in range(S)]
         self.mode = plan.asc_mode if plan else "map"
+        # ASC "output" from a scale on to the last: the unconditional half's queries, keys and
+        # values are never used (its output is the conditional one's, its keys never read), so
+        # that half's q, k, v, attention and proj are skipped ("cond" below)
+        self.cond_only = [self.mode == "output" and all(self.share[s:]) for s in range(S)]
         self.attn_bits = plan.attention_bits if plan else None
 
     def on_grid(self, t):
@@ -73,26 +77,43 @@ class Attention(nn.Module):
         tq, s = quantize(op.reshape(t, [NB * H * n, c]), NB * H * n, c, self.gpu)
         return op.reshape(op.multiply(op.astype(tq, "float32"), s), [NB, H, n, c])
 
+    def share_at(self, si: int) -> str | None:
+        """The attention kernel's ASC mode at query scale si."""
+        return "cond" if self.cond_only[si] else (self.mode if self.share[si] else None)
+
     def forward(self, x, kv, si: int, geom, cfg):
-        NB, n = int(x.shape[0]), int(x.shape[1])
+        """(proj of the attention output, kv) for x of query_rows(2B, share_at(si)) rows: 2B×n×C,
+        or for "cond" the conditional half's B×n×C, which both halves then share."""
+        rows, n = int(x.shape[0]), int(x.shape[1])
         H, c, L, S = self.heads, self.head_dim, kv_layout.cache_len(cfg.patch_nums), len(cfg.patch_nums)
-        qkv = op.reshape(self.mat_qkv(x), [NB, n, 3, H, c])
+        share = self.share_at(si)
+        NB = int(kv.shape[1])
+        qkv = op.reshape(self.mat_qkv(x), [rows, n, 3, H, c])
         q, k, v = op.split(op.permute_dims(qkv, [2, 0, 3, 1, 4]), 3, axis=0)
-        q, k, v = (op.reshape(t, [NB, H, n, c]) for t in (q, k, v))
+        q, k, v = (op.reshape(t, [rows, H, n, c]) for t in (q, k, v))
         norm = lambda t: op.divide(t, op.sqrt(op.sum(op.square(t), axis=-1, keepdims=True)).maximum(1e-12))
         q = op.multiply(norm(q), self.scale_mul)
         k = norm(k)
         if self.attn_bits:      # 8-bit attention: q, k, v on their grids, the weights rounded in the kernel
             q, k, v = self.on_grid(q), self.on_grid(k), self.on_grid(v)
         begin = int(kv_layout.scale_slots(cfg.patch_nums)[si, 0])
-        kv = op.tensor_ir_inplace_op(attn_kernels.kv_write(NB, H, n, c, L, begin), "kv_write", [kv, k, v],
+        kv = op.tensor_ir_inplace_op(attn_kernels.kv_write(rows, H, n, c, L, begin, NB), "kv_write", [kv, k, v],
                                      inplace_indices=[0], out=placeholder(kv.shape))
-        share = self.mode if self.share[si] else None
         o = op.tensor_ir_op(attn_kernels.windowed_attention(NB, H, n, c, L, S, si, share, self.gpu, self.attn_bits),
                             "attention",
-                            [q, kv, self.windows, geom], placeholder([NB, H, n, c]))
-        o = op.reshape(op.permute_dims(o, [0, 2, 1, 3]), [NB, n, self.C])
+                            [q, kv, self.windows, geom], placeholder([rows, H, n, c]))
+        o = op.reshape(op.permute_dims(o, [0, 2, 1, 3]), [rows, n, self.C])
         return self.proj(o), kv
+
+
+def _times_gate(a, g):
+    """a·g for the 2B×1×C gate g, where a is 2B×n×C or, computed for the conditional half only
+    (ASC "cond"), B×n×C that both halves share."""
+    NB, B, n, C = int(g.shape[0]), int(a.shape[0]), int(a.shape[1]), int(a.shape[2])
+    if B == NB:
+        return op.multiply(a, g)
+    both = op.multiply(op.reshape(a, [1, B, n, C]), op.reshape(g, [NB // B, B, 1, C]))
+    return op.reshape(both, [NB, n, C])
 
 
 class FFN(nn.Module):
@@ -131,8 +152,13 @@ class Block(nn.Module):
     def forward(self, x, mod, kv, si, geom, cfg):
         C = self.C
         g1, g2, s1, s2, b1, b2 = op.split(mod, 6, axis=1)                   # each 2B×1×C
-        a, kv = self.attn(_modulate(x, C, s1, b1), kv, si, geom, cfg)
-        x = op.add(x, op.multiply(a, g1))
+        NB = int(x.shape[0])
+        rows = attn_kernels.query_rows(NB, self.attn.share_at(si))
+        xa = x
+        if rows < NB:      # ASC "cond": the attention of the conditional half only
+            xa, s1, b1 = (slice_rows(t, 0, rows) for t in (x, s1, b1))
+        a, kv = self.attn(_modulate(xa, C, s1, b1), kv, si, geom, cfg)
+        x = op.add(x, _times_gate(a, g1))
         x = op.add(x, op.multiply(self.ffn(_modulate(x, C, s2, b2)), g2))
         return x, kv
 
