@@ -6,7 +6,9 @@ One kernel covers the three cases of a plan:
   of scale k with |i·n_k − j·n_q| < w·n_q (compiler/compress/mdwa.py), so each query walks one
   contiguous run of keys per key scale; w = 0 drops the key scale, w < 0 keeps it dense;
 - ASC: under CFG the conditional half computes the softmax weights once; "map" applies them to
-  both halves' values, "output" copies the conditional output to the unconditional half.
+  both halves' values, "output" copies the conditional output to the unconditional half, and
+  "cond" (output where the unconditional keys are never read again) computes the conditional
+  half alone: the graph then skips that half's projections too.
 
 Cache layout, per block: 2 × NB × H × (⌈L/8⌉·8·c) for L places, keys in panels of 8 (panel t
 holds keys 8t … 8t+7, channel-major: c × 8) and values row-major (V[b, h] is L × c). Panels give
@@ -135,14 +137,16 @@ def query_rows(NB: int, share: str | None) -> int:
 
 def windowed_attention(NB: int, H: int, n: int, c: int, L: int, S: int, qs: int,
                        share: str | None = None, gpu: str | bool = False, map_bits: int | None = None):
-    """out NB×H×n×c = softmax(q·kᵀ over kept keys)·v for query scale `qs`, on a cache of L places.
+    """out NB×H×n×c = softmax(q·kᵀ over kept keys)·v for query scale `qs`, on a cache of L places
+    (NB batch rows: both CFG halves).
 
     Tables: win S×H×S int32 (window per query scale, head, key scale; −1 dense, 0 dropped) and
     geom S×2 int32 (scale_slots: first place and token count of each scale). `share`: None, "map",
     "output", or "cond": "output" where the unconditional half's keys are never read again (this
     and every later query scale of the block share), so that half is not computed at all: q and
-    out are the conditional half's, the cache is still NB's. `gpu`: False (CPU), "cuda" (the tiled kernel) or another GPU API (one thread
-    per row). `map_bits`: a plan's 8-bit attention (the CPU kernel, or the per-row one on GPUs)."""
+    out hold the conditional half's NB/2 rows (query_rows), the cache still both halves. `gpu`:
+    False (CPU), "cuda" (the tiled kernel) or another GPU API (one thread per row). `map_bits`: a
+    plan's 8-bit attention (the CPU kernel, or the per-row one on GPUs)."""
     if map_bits is not None and gpu:
         return _attention_rows(NB, H, n, c, L, S, qs, share, map_bits=map_bits)
     if gpu:
