@@ -213,7 +213,11 @@ def test_gpu_bench_builds_every_kernel(tmp_path):
     r = run_cli("schedules.gpu_bench", "build", "--target", "jetson-orin", "--out", tmp_path / "g", timeout=900)
     assert r.returncode == 0, r.stderr
     libs = {p.name for p in (tmp_path / "g").glob("*.so")}
-    assert len(libs) == 9 + 6 * len(gpu_bench.ATTN_KERNELS) and "attn_tiled_w4.so" in libs
+    g = gpu_bench
+    matmuls = (len(g.SHAPES) * len(g.KINDS) + 2 * len(g.FEW_ROWS_LAYERS) * len(g.FEW_ROWS_W8A8)
+               + len(g.FEW_ROWS_LAYERS) * len(g.FEW_ROWS) * len(g.FEW_ROWS_KINDS))
+    assert len(libs) == matmuls + len(g.attention_cases()) * len(g.ATTN_KERNELS) and "attn_tiled_w4.so" in libs
+    assert {"few_rows_fp16_2x4096x1024.so", "dp4a_rows_8x1024x3072.so", "dlight_int8_338x1024x1024.so"} <= libs
     assert (tmp_path / "g" / "shapes.json").is_file()
 
 
