@@ -652,6 +652,21 @@ def test_group_norm_matches_pytorch(B, C, H, W, G, with_silu):
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("NB,n,C", [(2, 1, 40), (4, 9, 64), (2, 36, 1024)])
+def test_layer_norm_modulate_matches_pytorch(NB, n, C):
+    """VAR's AdaLN LayerNorm: one token (serial rows), a channel count that leaves a partial
+    accumulator step (40 = 32 + 8), and enough rows for parallel tasks; an offset mean and a
+    large spread, where a one-pass variance would lose digits."""
+    from schedules.groupnorm import layer_norm_modulate
+    rng = np.random.default_rng(C + n)
+    x = (rng.standard_normal((NB, n, C)) * 8 + 50).astype(np.float32)
+    scale, shift = (rng.standard_normal((NB, 1, C)).astype(np.float32) for _ in range(2))
+    (y,) = run(layer_norm_modulate(NB, n, C, 1e-6), x, scale, shift, out=[((NB, n, C), "float32")])
+    t = torch.from_numpy
+    want = torch.nn.functional.layer_norm(t(x), (C,), eps=1e-6) * (1 + t(scale)) + t(shift)
+    np.testing.assert_allclose(y, want.numpy(), rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("share", [None, "map", "output", "cond"])
 @pytest.mark.parametrize("bits", [None, 8])
 def test_cpu_attention_over_several_row_blocks_and_value_passes(share, bits):

@@ -23,6 +23,7 @@ from compiler.lower.layers import Dense, pad_rows, padded_rows, placeholder, qua
 from compiler.lower.params import param
 from compiler.model.var import LN_EPS, MAX_SCALE_MUL, VAR
 from schedules import attention as attn_kernels
+from schedules import groupnorm as norm_kernels
 from schedules import kv_layout
 
 
@@ -30,8 +31,14 @@ def _layer_norm(x, C):
     return op.layer_norm(x, C, None, None, eps=LN_EPS)
 
 
-def _modulate(x, C, scale, shift):
-    return op.add(op.multiply(_layer_norm(x, C), scale + 1.0), shift)
+def _modulate(x, C, scale, shift, gpu):
+    """LayerNorm(x)·(1 + scale) + shift: x 2B×n×C, scale and shift 2B×1×C. CPUs run the
+    vectorised kernel of schedules/groupnorm.py, GPUs what DLight makes of Relax's."""
+    if gpu or C % norm_kernels.LANES:
+        return op.add(op.multiply(_layer_norm(x, C), scale + 1.0), shift)
+    NB, n = int(x.shape[0]), int(x.shape[1])
+    return op.tensor_ir_op(norm_kernels.layer_norm_modulate(NB, n, C, LN_EPS), "layer_norm_modulate",
+                           [x, scale, shift], placeholder([NB, n, C]))
 
 
 def slice_rows(t, b: int, e: int):
@@ -134,7 +141,7 @@ class FFN(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, block, plan, index, cfg, gpu: bool, int_dot: str | None = None):
-        self.C, self.shared_aln = cfg.width, cfg.shared_aln
+        self.C, self.shared_aln, self.gpu = cfg.width, cfg.shared_aln, gpu
         self.attn = Attention(block.attn, plan, index, cfg, gpu, int_dot)
         self.ffn = FFN(block.ffn, gpu, int_dot)
         if cfg.shared_aln:
@@ -157,9 +164,9 @@ class Block(nn.Module):
         xa = x
         if rows < NB:      # ASC "cond": the attention of the conditional half only
             xa, s1, b1 = (slice_rows(t, 0, rows) for t in (x, s1, b1))
-        a, kv = self.attn(_modulate(xa, C, s1, b1), kv, si, geom, cfg)
+        a, kv = self.attn(_modulate(xa, C, s1, b1, self.gpu), kv, si, geom, cfg)
         x = op.add(x, _times_gate(a, g1))
-        x = op.add(x, op.multiply(self.ffn(_modulate(x, C, s2, b2)), g2))
+        x = op.add(x, op.multiply(self.ffn(_modulate(x, C, s2, b2, self.gpu)), g2))
         return x, kv
 
 
@@ -170,6 +177,7 @@ class VARGraph(nn.Module):
 
     def __init__(self, var: VAR, plan: Plan | None = None, gpu: str | bool = False, int_dot: str | None = None):
         cfg = self.cfg = var.cfg
+        self.gpu = gpu
         self.class_emb = param(var.class_emb.weight.float())
         self.pos_start = param(var.pos_start.float())
         self.lvl_pos = param(var.lvl_pos()[0].float())             # L×C, as the reference adds it
@@ -215,7 +223,7 @@ class VARGraph(nn.Module):
         for d, block in enumerate(self.blocks):
             x, kv[d] = block(x, per_block[d], kv[d], si, self.geom, cfg)
         scale, shift = op.split(per_block[D], 2, axis=1)
-        h = _modulate(x, C, scale, shift)
+        h = _modulate(x, C, scale, shift, self.gpu)
         logits = self.head(h)                                            # 2B×n×V
         cond_l, uncond_l = op.split(logits, 2, axis=0)
         w_cond, w_uncond = op.split(tw, 2, axis=0)
