@@ -55,6 +55,7 @@ def test_schedules_bench_reports_every_kernel(tmp_path):
     # narrower windows keep fewer pairs; ASC halves the q·k part
     assert att["MDWA w=64"]["kept_fraction"] > att["MDWA w=16"]["kept_fraction"] > att["MDWA w=4"]["kept_fraction"]
     assert att["MDWA w=16 + ASC output"]["kept_fraction"] == att["MDWA w=16"]["kept_fraction"] / 2
+    assert att["MDWA w=16 + ASC cond"]["kept_fraction"] == att["MDWA w=16 + ASC output"]["kept_fraction"]
     assert att["8-bit attention, MDWA w=16"]["kept_fraction"] == att["MDWA w=16"]["kept_fraction"]
     assert report["peak_gflops"] > 0 and "time / dense" in r.stdout
     if report["int_peak_gops"] is not None:   # x86 with vpmaddwd: int8 rows also against the integer peak
